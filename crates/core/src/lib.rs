@@ -1,0 +1,20 @@
+//! dmrep core: the pieces of a user-space device-mapper that know nothing of any
+//! particular mapping.
+//!
+//! - [`target`]: the object-safe [`Target`](target::Target) trait, the I/O
+//!   [`Request`](target::Request) and its asynchronous [`Completion`](target::Completion).
+//! - [`backend`]: positional block back-ends (regular files and block devices).
+//! - [`device`]: mapped devices: active/inactive tables, suspend/resume, in-flight accounting.
+//! - [`registry`]: the set of mapped devices and the target-type registry.
+//! - [`units`]: sector/byte newtypes and conversions, in one place.
+
+pub mod backend;
+pub mod device;
+pub mod registry;
+pub mod target;
+pub mod units;
+
+pub use backend::{BlockBackend, FileBackend};
+pub use device::{DeviceInfo, DeviceState, MappedDevice};
+pub use registry::{BuildContext, DeviceRegistry, TargetRegistry};
+pub use target::{Completion, IoSink, Op, Request, Target, TargetError, TargetStatus};

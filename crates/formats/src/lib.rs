@@ -1,0 +1,12 @@
+//! dmrep's formats: plain data and its encodings, no I/O, no async runtime.
+//!
+//! - [`table`]: dmsetup's mapping-table grammar, parsed into a [`table::TableSpec`].
+//! - [`nbd`]: the NBD wire protocol (handshake, options, requests, replies).
+//! - [`control`]: the control protocol between `dmrep` and its daemon.
+//!
+//! Every type that crosses a disk or a wire documents its byte layout where it is
+//! defined and carries a version.
+
+pub mod control;
+pub mod nbd;
+pub mod table;
