@@ -1,1 +1,120 @@
-fn main() {}
+//! `dmrep`: the command line. `dmrep daemon` runs the device-mapper daemon; every other
+//! subcommand talks to it over the control socket, like dmsetup talks to the kernel.
+
+mod commands;
+mod demo;
+mod output;
+mod run_daemon;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// User-space device-mapper with a write-ordered block replicator, served over NBD.
+#[derive(Parser, Debug)]
+#[command(name = "dmrep", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Control socket of the daemon [default: $DMREP_CONTROL, else /run/dmrep/control.sock]
+    #[arg(long, global = true, value_name = "SOCKET")]
+    control: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: holds the devices, serves them over NBD, answers the CLI.
+    Daemon(run_daemon::DaemonArgs),
+    /// Create a device and activate TABLE (a file, `-` for stdin, or --table TEXT).
+    Create {
+        name: String,
+        /// Table file, or `-` for standard input.
+        table_file: Option<PathBuf>,
+        /// The table itself, e.g. "0 2048 linear /srv/disk0 0".
+        #[arg(long, conflicts_with = "table_file")]
+        table: Option<String>,
+        /// UUID to give the device (default: generated).
+        #[arg(long)]
+        uuid: Option<String>,
+    },
+    /// Load TABLE as the device's inactive table; `resume` makes it active.
+    Load {
+        name: String,
+        table_file: Option<PathBuf>,
+        #[arg(long, conflicts_with = "table_file")]
+        table: Option<String>,
+    },
+    /// Drop the device's inactive table.
+    Clear { name: String },
+    /// Hold new I/O and wait for in-flight I/O to finish. Nothing is failed.
+    Suspend { name: String },
+    /// Swap in a loaded table (if any) and let I/O flow again.
+    Resume { name: String },
+    /// Remove a device. Refused while an NBD client has it open, unless --force.
+    Remove {
+        name: String,
+        /// Remove even if open: clients' further requests fail.
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Rename a device (its NBD export name changes with it).
+    Rename { name: String, new_name: String },
+    /// Show the status of each segment of one device or all.
+    Status {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the table of one device or all, in a form `create` accepts back.
+    Table {
+        name: Option<String>,
+        /// The loaded, not yet active table.
+        #[arg(long)]
+        inactive: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// State, open count, segments, size and UUID of one device or all.
+    Info {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message to the target of the segment holding SECTOR.
+    Message {
+        name: String,
+        sector: u64,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        message: Vec<String>,
+    },
+    /// Versions of this CLI, the daemon and the control protocol.
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the built-in demonstration: files, a daemon, devices, served until Ctrl-C.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Daemon(args) => run_daemon::run(args, cli.control),
+        Command::Demo(args) => demo::run(args),
+        other => commands::run(other, cli.control),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmrep: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use dmrep_formats::table::{SegmentSpec, TableSpec};
 use parking_lot::{Condvar, Mutex, RwLock};
-use serde::Serialize;
 
 use crate::target::{Completion, IoSink, Op, Request, Target, TargetStatus};
 use crate::units::sectors_to_bytes;
@@ -80,27 +79,7 @@ impl LiveTable {
     }
 }
 
-/// Device state as dmsetup shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceState {
-    Active,
-    Suspended,
-}
-
-/// What `dmrep info` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceInfo {
-    pub name: String,
-    pub uuid: String,
-    pub state: DeviceState,
-    pub open_count: u32,
-    pub segments: usize,
-    pub size_bytes: u64,
-    pub size_sectors: u64,
-    pub live_table: bool,
-    pub inactive_table: bool,
-}
+pub use dmrep_formats::control::{DeviceInfo, DeviceState};
 
 /// In-flight accounting and the suspend gate.
 struct Gate {
@@ -110,16 +89,23 @@ struct Gate {
 
 struct GateState {
     suspended: bool,
+    /// Removed: new I/O fails with ESHUTDOWN instead of waiting.
+    dead: bool,
     inflight: u64,
 }
 
 impl Gate {
-    fn enter(&self) {
+    /// Admit one request: waits while suspended; false once the device is removed.
+    fn enter(&self) -> bool {
         let mut st = self.state.lock();
-        while st.suspended {
+        while st.suspended && !st.dead {
             self.cond.wait(&mut st);
         }
+        if st.dead {
+            return false;
+        }
         st.inflight += 1;
+        true
     }
 
     fn exit(&self) {
@@ -172,6 +158,7 @@ impl MappedDevice {
             gate: Arc::new(Gate {
                 state: Mutex::new(GateState {
                     suspended: false,
+                    dead: false,
                     inflight: 0,
                 }),
                 cond: Condvar::new(),
@@ -296,12 +283,14 @@ impl MappedDevice {
         swapped
     }
 
-    /// Quiesce and shut the targets down (device removal).
+    /// Quiesce and shut the targets down (device removal). Requests held by a suspend
+    /// and any that arrive later fail with ESHUTDOWN.
     pub fn shutdown(&self) {
         let _l = self.lifecycle.lock();
         {
             let mut st = self.gate.state.lock();
-            st.suspended = true;
+            st.dead = true;
+            self.gate.cond.notify_all();
             while st.inflight > 0 {
                 self.gate.cond.wait(&mut st);
             }
@@ -356,7 +345,11 @@ impl MappedDevice {
     /// Blocks the caller while the device is suspended. Out-of-range requests complete
     /// with `EINVAL` (beyond the end: `ENOSPC` for writes, as NBD asks).
     pub fn submit(&self, req: Request, sink: Arc<dyn IoSink>) {
-        self.gate.enter();
+        if !self.gate.enter() {
+            let sink = sink;
+            sink.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error())));
+            return;
+        }
         let done = Completion::with_guard(sink, InflightGuard(self.gate.clone()));
         let table = self.live.read().clone();
         let Some(table) = table else {
@@ -502,5 +495,41 @@ impl IoSink for Join {
             drop(st);
             done.complete(parent, res);
         }
+    }
+}
+
+/// A sink that lets a thread wait for one request (control paths, tests).
+#[derive(Default)]
+pub struct WaitSink {
+    slot: Mutex<Option<(Request, io::Result<()>)>>,
+    cond: Condvar,
+}
+
+impl IoSink for WaitSink {
+    fn complete(&self, req: Request, result: io::Result<()>) {
+        *self.slot.lock() = Some((req, result));
+        self.cond.notify_all();
+    }
+}
+
+impl WaitSink {
+    /// Wait for the completion.
+    pub fn wait(&self) -> (Request, io::Result<()>) {
+        let mut s = self.slot.lock();
+        loop {
+            if let Some(r) = s.take() {
+                return r;
+            }
+            self.cond.wait(&mut s);
+        }
+    }
+}
+
+impl MappedDevice {
+    /// Submit and wait for the completion.
+    pub fn submit_wait(&self, req: Request) -> (Request, io::Result<()>) {
+        let sink = Arc::new(WaitSink::default());
+        self.submit(req, sink.clone());
+        sink.wait()
     }
 }

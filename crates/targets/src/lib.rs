@@ -1,1 +1,24 @@
-//! targets
+//! dmrep targets: `linear`, `striped`, `zero`, `error`, and the replicator.
+//!
+//! Each target is one module with a constructor of type
+//! [`TargetConstructor`](dmrep_core::registry::TargetConstructor); [`registry`] lists
+//! them all. Adding a target is one new module plus one line there.
+
+pub mod error;
+pub mod linear;
+mod params;
+pub mod replicator;
+pub mod striped;
+pub mod zero;
+
+use dmrep_core::TargetRegistry;
+
+/// Every built-in target type.
+pub fn registry() -> TargetRegistry {
+    let mut r = TargetRegistry::default();
+    r.register("linear", linear::construct);
+    r.register("striped", striped::construct);
+    r.register("zero", zero::construct);
+    r.register("error", error::construct);
+    r
+}

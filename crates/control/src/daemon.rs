@@ -1,0 +1,311 @@
+//! The daemon's state: devices, their tables, and the answers to control requests.
+//!
+//! Lifecycle requests (create, load, resume, suspend, remove, rename, message) are
+//! serialised by one lock; read-only requests (status, info, table, ls) take none, so
+//! they answer even while a suspend waits for in-flight I/O.
+
+use std::sync::Arc;
+
+use dmrep_core::device::LiveTable;
+use dmrep_core::target::{Op, Request as IoRequest};
+use dmrep_core::{BuildContext, DeviceRegistry, MappedDevice, TargetRegistry};
+use dmrep_formats::control::{DeviceStatus, DeviceTable, Request, Response, SegmentStatus, PROTOCOL_VERSION};
+use dmrep_formats::table::{parse_table, TableError};
+use parking_lot::Mutex;
+use tracing::{error, info, warn};
+
+use crate::store::{DeviceRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("table line {line}: {source}")]
+    Target {
+        line: usize,
+        #[source]
+        source: dmrep_core::TargetError,
+    },
+    #[error(transparent)]
+    Registry(#[from] dmrep_core::registry::RegistryError),
+    #[error(transparent)]
+    Device(#[from] dmrep_core::device::DeviceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("device {0} not found")]
+    NotFound(String),
+    #[error("device {name} is open {count} time(s) (NBD clients connected); disconnect them or use --force")]
+    Busy { name: String, count: u32 },
+    #[error("device {name} has no segment at sector {sector} (size {size} sectors)")]
+    NoSegment { name: String, sector: u64, size: u64 },
+    #[error("{0}")]
+    Target2(#[from] dmrep_core::TargetError),
+}
+
+pub struct Daemon {
+    devices: Arc<DeviceRegistry>,
+    targets: TargetRegistry,
+    store: Store,
+    /// The persisted records, in creation order; includes devices that could not be
+    /// restored at start-up, so that their records are not lost.
+    records: Mutex<Vec<DeviceRecord>>,
+    ops: Mutex<()>,
+}
+
+impl Daemon {
+    /// A daemon over `store`. Call [`Daemon::restore`] to bring recorded devices back.
+    pub fn new(store: Store, targets: TargetRegistry) -> Arc<Self> {
+        Arc::new(Daemon {
+            devices: Arc::new(DeviceRegistry::new()),
+            targets,
+            store,
+            records: Mutex::new(Vec::new()),
+            ops: Mutex::new(()),
+        })
+    }
+
+    pub fn devices(&self) -> &Arc<DeviceRegistry> {
+        &self.devices
+    }
+
+    /// Bring back the devices recorded in the state directory. Returns how many came
+    /// back and the errors of those that did not (their records are kept).
+    pub fn restore(&self) -> Result<(usize, Vec<String>), DaemonError> {
+        let _g = self.ops.lock();
+        let recs = self.store.load()?;
+        let mut ok = 0;
+        let mut errors = Vec::new();
+        for r in &recs {
+            match self.create_locked(&r.name, &r.table, Some(r.uuid.clone())) {
+                Ok(()) => {
+                    info!(device = %r.name, "restored");
+                    ok += 1;
+                }
+                Err(e) => {
+                    error!(device = %r.name, "could not restore: {e}");
+                    errors.push(format!("{}: {e}", r.name));
+                }
+            }
+        }
+        *self.records.lock() = recs;
+        Ok((ok, errors))
+    }
+
+    /// Parse and build a table for device `name`. Nothing is left behind on error.
+    fn build(&self, name: &str, text: &str) -> Result<LiveTable, DaemonError> {
+        let spec = parse_table(text)?;
+        let ctx = BuildContext { device_name: name, devices: &self.devices };
+        let mut built = Vec::with_capacity(spec.segments.len());
+        for seg in &spec.segments {
+            match self.targets.build(&ctx, seg) {
+                Ok(t) => built.push(t),
+                Err(e) => {
+                    built.iter().for_each(|t: &Arc<dyn dmrep_core::Target>| t.shutdown());
+                    return Err(DaemonError::Target { line: seg.line, source: e });
+                }
+            }
+        }
+        Ok(LiveTable::new(spec, built))
+    }
+
+    fn create_locked(&self, name: &str, table: &str, uuid: Option<String>) -> Result<(), DaemonError> {
+        // Build before inserting, so a bad table leaves no device behind. The name is
+        // checked first so the error for a duplicate is not a table error.
+        if self.devices.get(name).is_some() {
+            return Err(dmrep_core::registry::RegistryError::Exists(name.to_string()).into());
+        }
+        if !dmrep_core::registry::valid_name(name) {
+            return Err(dmrep_core::registry::RegistryError::BadName(name.to_string()).into());
+        }
+        let live = self.build(name, table)?;
+        let dev = match self.devices.insert(name, uuid) {
+            Ok(d) => d,
+            Err(e) => {
+                live.targets().for_each(|(_, t)| t.shutdown());
+                return Err(e.into());
+            }
+        };
+        dev.load(live);
+        dev.resume();
+        Ok(())
+    }
+
+    /// Change the records with `f` and save them atomically.
+    fn persist(&self, f: impl FnOnce(&mut Vec<DeviceRecord>)) -> Result<(), DaemonError> {
+        let mut recs = self.records.lock();
+        let mut next = recs.clone();
+        f(&mut next);
+        self.store.save(&next)?;
+        *recs = next;
+        Ok(())
+    }
+
+    fn device(&self, name: &str) -> Result<Arc<MappedDevice>, DaemonError> {
+        self.devices.get(name).ok_or_else(|| DaemonError::NotFound(name.to_string()))
+    }
+
+    /// The devices a read-only request is about: one, or all.
+    fn selected(&self, name: &Option<String>) -> Result<Vec<Arc<MappedDevice>>, DaemonError> {
+        match name {
+            Some(n) => Ok(vec![self.device(n)?]),
+            None => Ok(self.devices.list()),
+        }
+    }
+
+    /// Answer one control request.
+    pub fn handle(&self, req: Request) -> Response {
+        match self.handle_inner(req) {
+            Ok(r) => r,
+            Err(e) => Response::Error { message: e.to_string() },
+        }
+    }
+
+    fn handle_inner(&self, req: Request) -> Result<Response, DaemonError> {
+        match req {
+            Request::Version => {
+                Ok(Response::Version { daemon: env!("CARGO_PKG_VERSION").to_string(), protocol: PROTOCOL_VERSION })
+            }
+            Request::Create { name, table, uuid } => {
+                let _g = self.ops.lock();
+                self.create_locked(&name, &table, uuid)?;
+                let dev = self.device(&name)?;
+                let rec = record_of(&dev).expect("a created device has a live table");
+                if let Err(e) = self.persist(|r| r.push(rec)) {
+                    // Not recorded means not created: undo.
+                    if let Ok(d) = self.devices.take(&name) {
+                        d.shutdown();
+                    }
+                    return Err(e);
+                }
+                info!(device = %name, "created");
+                Ok(Response::Ok)
+            }
+            Request::Load { name, table } => {
+                let _g = self.ops.lock();
+                let dev = self.device(&name)?;
+                let live = self.build(&name, &table)?;
+                dev.load(live);
+                info!(device = %name, "table loaded (inactive)");
+                Ok(Response::Ok)
+            }
+            Request::Clear { name } => {
+                let _g = self.ops.lock();
+                self.device(&name)?.clear_inactive();
+                Ok(Response::Ok)
+            }
+            Request::Suspend { name } => {
+                let _g = self.ops.lock();
+                self.device(&name)?.suspend();
+                info!(device = %name, "suspended");
+                Ok(Response::Ok)
+            }
+            Request::Resume { name } => {
+                let _g = self.ops.lock();
+                let dev = self.device(&name)?;
+                if dev.resume() {
+                    let rec = record_of(&dev).expect("resumed with a table");
+                    self.persist(|r| match r.iter_mut().find(|x| x.uuid == rec.uuid) {
+                        Some(x) => *x = rec,
+                        None => r.push(rec),
+                    })?;
+                    info!(device = %name, "new table active");
+                }
+                Ok(Response::Ok)
+            }
+            Request::Remove { name, force } => {
+                let _g = self.ops.lock();
+                let dev = self.device(&name)?;
+                let count = dev.open_count();
+                if count > 0 && !force {
+                    return Err(DaemonError::Busy { name, count });
+                }
+                let dev = self.devices.take(&name)?;
+                dev.shutdown();
+                let uuid = dev.uuid().to_string();
+                self.persist(|r| r.retain(|x| x.uuid != uuid))?;
+                info!(device = %name, forced = force, "removed");
+                Ok(Response::Ok)
+            }
+            Request::Rename { name, new_name } => {
+                let _g = self.ops.lock();
+                let dev = self.device(&name)?;
+                self.devices.rename(&name, &new_name)?;
+                let uuid = dev.uuid().to_string();
+                self.persist(|r| r.iter_mut().filter(|x| x.uuid == uuid).for_each(|x| x.name = new_name.clone()))?;
+                Ok(Response::Ok)
+            }
+            Request::Info { name } => {
+                Ok(Response::Infos { devices: self.selected(&name)?.iter().map(|d| d.info()).collect() })
+            }
+            Request::List => Ok(Response::Infos { devices: self.devices.list().iter().map(|d| d.info()).collect() }),
+            Request::Table { name, inactive } => {
+                let tables = self
+                    .selected(&name)?
+                    .iter()
+                    .map(|d| {
+                        let t = if inactive { d.inactive_table() } else { d.live_table() };
+                        DeviceTable { name: d.name(), table: t.map(|t| t.spec.to_string()).unwrap_or_default() }
+                    })
+                    .collect();
+                Ok(Response::Tables { tables })
+            }
+            Request::Status { name } => {
+                let devices = self
+                    .selected(&name)?
+                    .iter()
+                    .map(|d| DeviceStatus {
+                        name: d.name(),
+                        state: d.state(),
+                        segments: d
+                            .status()
+                            .into_iter()
+                            .map(|(seg, st)| SegmentStatus {
+                                start: seg.start,
+                                len: seg.len,
+                                target: seg.target,
+                                line: st.line,
+                                detail: st.json,
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                Ok(Response::Statuses { devices })
+            }
+            Request::Message { name, sector, args } => {
+                let _g = self.ops.lock();
+                let dev = self.device(&name)?;
+                let table = dev.live_table().ok_or_else(|| DaemonError::NotFound(name.clone()))?;
+                let size = table.size() / 512;
+                let target = table
+                    .targets()
+                    .find(|(s, _)| s.start <= sector && sector < s.start + s.len)
+                    .map(|(_, t)| t.clone())
+                    .ok_or(DaemonError::NoSegment { name, sector, size })?;
+                Ok(Response::Reply { text: target.message(&args)? })
+            }
+        }
+    }
+
+    /// Flush and stop every device (SIGTERM/SIGINT). I/O still arriving fails.
+    pub fn shutdown(&self) {
+        let _g = self.ops.lock();
+        for dev in self.devices.list() {
+            let (_, r) = dev.submit_wait(IoRequest::new(Op::Flush, 0, 0, Vec::new(), 0));
+            if let Err(e) = r {
+                warn!(device = %dev.name(), "flush at shutdown failed: {e}");
+            }
+        }
+        // Reverse creation order: devices that use a control device go first.
+        let recs = self.records.lock().clone();
+        let mut devs = self.devices.list();
+        devs.sort_by_key(|d| std::cmp::Reverse(recs.iter().position(|r| r.uuid == d.uuid())));
+        for dev in devs {
+            dev.shutdown();
+        }
+        info!("all devices flushed and stopped");
+    }
+}
+
+fn record_of(d: &MappedDevice) -> Option<DeviceRecord> {
+    d.live_table().map(|t| DeviceRecord { name: d.name(), uuid: d.uuid().to_string(), table: t.spec.to_string() })
+}

@@ -1,0 +1,115 @@
+//! The state directory.
+//!
+//! `devices.json` lists every device the daemon has, in creation order (a replicator
+//! control device before the devices that refer to it), with its UUID and its active
+//! table in canonical text. Written atomically (temporary file, fsync, rename, fsync of
+//! the directory) after every change, so a crash leaves either the old or the new list.
+//!
+//! Layout (JSON): `{"format": 1, "devices": [{"name": .., "uuid": .., "table": ..}]}`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of `devices.json`. 1: first version.
+pub const STORE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceRecord {
+    pub name: String,
+    pub uuid: String,
+    pub table: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoreFile {
+    format: u32,
+    devices: Vec<DeviceRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a dmrep state file: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: state format {got} is newer than this dmrep understands ({STORE_FORMAT})")]
+    Version { path: PathBuf, got: u32 },
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Open (creating if needed) the state directory.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(|e| StoreError::Io { path: dir.to_path_buf(), source: e })?;
+        Ok(Store { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("devices.json")
+    }
+
+    /// The recorded devices, in creation order (empty if none recorded yet).
+    pub fn load(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let path = self.file();
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        let f: StoreFile = serde_json::from_slice(&text).map_err(|e| StoreError::Parse { path: path.clone(), source: e })?;
+        if f.format > STORE_FORMAT {
+            return Err(StoreError::Version { path, got: f.format });
+        }
+        Ok(f.devices)
+    }
+
+    /// Replace the record atomically.
+    pub fn save(&self, devices: &[DeviceRecord]) -> Result<(), StoreError> {
+        let path = self.file();
+        let tmp = self.dir.join("devices.json.tmp");
+        let io_err = |e| StoreError::Io { path: path.clone(), source: e };
+        let body = serde_json::to_vec_pretty(&StoreFile { format: STORE_FORMAT, devices: devices.to_vec() })
+            .expect("records serialise");
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_err)?;
+        f.write_all(&body).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+        fs::rename(&tmp, &path).map_err(io_err)?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_roundtrip() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert!(s.load().unwrap().is_empty());
+        let recs = vec![DeviceRecord { name: "a".into(), uuid: "u".into(), table: "0 8 zero\n".into() }];
+        s.save(&recs).unwrap();
+        assert_eq!(s.load().unwrap(), recs);
+        fs::write(s.file(), b"{\"format\": 99, \"devices\": []}").unwrap();
+        assert!(s.load().unwrap_err().to_string().contains("newer"));
+    }
+}

@@ -1,0 +1,3 @@
+//! The replicator: replication log, site links, dirty logs.
+
+pub mod log;

@@ -1,0 +1,103 @@
+//! `dmrep daemon`: the process that plays the kernel's part.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dmrep_control::daemon::Daemon;
+use dmrep_control::server::{clear_stale_socket, prepare_socket_dir, ControlServer};
+use dmrep_control::store::Store;
+use dmrep_frontend::{NbdConfig, NbdServer};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::{info, warn};
+
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Where the daemon records its devices' tables, to bring them back after a restart.
+    #[arg(long, value_name = "DIR", default_value = dmrep_control::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Serve NBD on this Unix socket.
+    #[arg(long, value_name = "PATH", default_value = dmrep_control::DEFAULT_NBD_UNIX)]
+    pub nbd_unix: PathBuf,
+    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809). Off by default: bind
+    /// to anything but loopback only on a trusted network, NBD has no authentication here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub nbd_listen: Option<String>,
+    /// Worker threads per NBD connection (requests in parallel on one connection).
+    #[arg(long, default_value_t = NbdConfig::default().workers_per_conn)]
+    pub nbd_workers: usize,
+}
+
+/// A running daemon: stopped by [`Running::stop`].
+pub struct Running {
+    pub daemon: Arc<Daemon>,
+    pub nbd: Arc<NbdServer>,
+    pub control: ControlServer,
+    pub control_path: PathBuf,
+    pub tcp: Option<std::net::SocketAddr>,
+}
+
+impl Running {
+    pub fn stop(self) {
+        info!("shutting down");
+        self.control.stop();
+        self.nbd.shutdown();
+        self.daemon.shutdown();
+    }
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DMREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Start a daemon in this process.
+pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
+    let control_path = dmrep_control::control_path(control);
+    let store = Store::open(&args.state_dir)?;
+    let daemon = Daemon::new(store, dmrep_targets::registry());
+    let (n, errors) = daemon.restore()?;
+    if n > 0 || !errors.is_empty() {
+        info!(restored = n, failed = errors.len(), "devices restored from {}", args.state_dir.display());
+    }
+    for e in &errors {
+        warn!("not restored: {e}");
+    }
+    let nbd = NbdServer::new(
+        daemon.devices().clone(),
+        NbdConfig { workers_per_conn: args.nbd_workers.max(1), ..NbdConfig::default() },
+    );
+    prepare_socket_dir(&args.nbd_unix)?;
+    clear_stale_socket(&args.nbd_unix)?;
+    nbd.listen_unix(&args.nbd_unix).with_context(|| format!("NBD socket {}", args.nbd_unix.display()))?;
+    let tcp = match &args.nbd_listen {
+        Some(a) => Some(nbd.listen_tcp(a).with_context(|| format!("NBD listen address {a}"))?),
+        None => None,
+    };
+    let control = ControlServer::start(daemon.clone(), &control_path)
+        .with_context(|| format!("control socket {}", control_path.display()))?;
+    info!(
+        control = %control_path.display(),
+        nbd_unix = %args.nbd_unix.display(),
+        nbd_tcp = ?tcp,
+        "dmrep daemon ready"
+    );
+    Ok(Running { daemon, nbd, control, control_path, tcp })
+}
+
+/// Block until SIGTERM or SIGINT.
+pub fn wait_for_signal() -> Result<i32> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    Ok(signals.forever().next().unwrap_or(SIGTERM))
+}
+
+pub fn run(args: DaemonArgs, control: Option<PathBuf>) -> Result<()> {
+    init_logging();
+    let running = start(&args, control)?;
+    let sig = wait_for_signal()?;
+    info!(signal = sig, "signal received");
+    running.stop();
+    Ok(())
+}
