@@ -38,8 +38,12 @@ pub enum DaemonError {
     Busy { name: String, count: u32 },
     #[error("device {name} has no segment at sector {sector} (size {size} sectors)")]
     NoSegment { name: String, sector: u64, size: u64 },
+    #[error(transparent)]
+    Message(#[from] dmrep_core::TargetError),
     #[error("{0}")]
-    Target2(#[from] dmrep_core::TargetError),
+    Unsupported(String),
+    #[error("device {name} is used by {users}: remove those first")]
+    InUse { name: String, users: String },
 }
 
 pub struct Daemon {
@@ -75,9 +79,9 @@ impl Daemon {
         let recs = self.store.load()?;
         let mut ok = 0;
         let mut errors = Vec::new();
-        for r in &recs {
-            match self.create_locked(&r.name, &r.table, Some(r.uuid.clone())) {
-                Ok(()) => {
+        for r in recs.iter().filter(|r| r.companion_of.is_none()) {
+            match self.create_locked(&r.name, &r.table, Some(r.uuid.clone()), &recs) {
+                Ok(_) => {
                     info!(device = %r.name, "restored");
                     ok += 1;
                 }
@@ -108,7 +112,40 @@ impl Daemon {
         Ok(LiveTable::new(spec, built))
     }
 
-    fn create_locked(&self, name: &str, table: &str, uuid: Option<String>) -> Result<(), DaemonError> {
+    /// Create a device and the companions its targets ask for (UUIDs of companions
+    /// come from `known` records when they were created before). All or nothing.
+    /// Returns the names created, the device first.
+    fn create_locked(
+        &self,
+        name: &str,
+        table: &str,
+        uuid: Option<String>,
+        known: &[DeviceRecord],
+    ) -> Result<Vec<String>, DaemonError> {
+        self.create_one(name, table, uuid)?;
+        let mut created = vec![name.to_string()];
+        let companions: Vec<(String, String)> = self
+            .devices
+            .get(name)
+            .and_then(|d| d.live_table())
+            .map(|t| t.targets().flat_map(|(_, t)| t.companions()).collect())
+            .unwrap_or_default();
+        for (cname, ctable) in companions {
+            let cuuid = known.iter().find(|r| r.name == cname).map(|r| r.uuid.clone());
+            if let Err(e) = self.create_one(&cname, &ctable, cuuid) {
+                for n in created.iter().rev() {
+                    if let Ok(d) = self.devices.take(n) {
+                        d.shutdown();
+                    }
+                }
+                return Err(e);
+            }
+            created.push(cname);
+        }
+        Ok(created)
+    }
+
+    fn create_one(&self, name: &str, table: &str, uuid: Option<String>) -> Result<(), DaemonError> {
         // Build before inserting, so a bad table leaves no device behind. The name is
         // checked first so the error for a duplicate is not a table error.
         if self.devices.get(name).is_some() {
@@ -167,17 +204,28 @@ impl Daemon {
             }
             Request::Create { name, table, uuid } => {
                 let _g = self.ops.lock();
-                self.create_locked(&name, &table, uuid)?;
-                let dev = self.device(&name)?;
-                let rec = record_of(&dev).expect("a created device has a live table");
-                if let Err(e) = self.persist(|r| r.push(rec)) {
+                let created = self.create_locked(&name, &table, uuid, &[])?;
+                let recs: Vec<DeviceRecord> = created
+                    .iter()
+                    .filter_map(|n| self.devices.get(n))
+                    .filter_map(|d| record_of(&d))
+                    .map(|mut r| {
+                        if r.name != name {
+                            r.companion_of = Some(name.clone());
+                        }
+                        r
+                    })
+                    .collect();
+                if let Err(e) = self.persist(|r| r.extend(recs)) {
                     // Not recorded means not created: undo.
-                    if let Ok(d) = self.devices.take(&name) {
-                        d.shutdown();
+                    for n in created.iter().rev() {
+                        if let Ok(d) = self.devices.take(n) {
+                            d.shutdown();
+                        }
                     }
                     return Err(e);
                 }
-                info!(device = %name, "created");
+                info!(device = %name, companions = ?&created[1..], "created");
                 Ok(Response::Ok)
             }
             Request::Load { name, table } => {
@@ -205,7 +253,7 @@ impl Daemon {
                 if dev.resume() {
                     let rec = record_of(&dev).expect("resumed with a table");
                     self.persist(|r| match r.iter_mut().find(|x| x.uuid == rec.uuid) {
-                        Some(x) => *x = rec,
+                        Some(x) => x.table = rec.table,
                         None => r.push(rec),
                     })?;
                     info!(device = %name, "new table active");
@@ -214,21 +262,52 @@ impl Daemon {
             }
             Request::Remove { name, force } => {
                 let _g = self.ops.lock();
-                let dev = self.device(&name)?;
-                let count = dev.open_count();
-                if count > 0 && !force {
-                    return Err(DaemonError::Busy { name, count });
+                self.device(&name)?;
+                // Devices using this one (replicator-dev on a control device) go
+                // first if they are its companions; otherwise they block the removal.
+                let companions: Vec<String> = self
+                    .records
+                    .lock()
+                    .iter()
+                    .filter(|r| r.companion_of.as_deref() == Some(&name))
+                    .map(|r| r.name.clone())
+                    .collect();
+                let users: Vec<String> = self
+                    .devices
+                    .list()
+                    .iter()
+                    .filter(|d| !companions.contains(&d.name()))
+                    .filter(|d| d.live_table().is_some_and(|t| t.targets().any(|(s, _)| s.target == "replicator-dev" && s.args.first() == Some(&name))))
+                    .map(|d| d.name())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(DaemonError::InUse { name, users: users.join(", ") });
                 }
-                let dev = self.devices.take(&name)?;
-                dev.shutdown();
-                let uuid = dev.uuid().to_string();
-                self.persist(|r| r.retain(|x| x.uuid != uuid))?;
-                info!(device = %name, forced = force, "removed");
+                let mut victims: Vec<Arc<MappedDevice>> = companions.iter().filter_map(|n| self.devices.get(n)).collect();
+                victims.push(self.device(&name)?);
+                for d in &victims {
+                    let count = d.open_count();
+                    if count > 0 && !force {
+                        return Err(DaemonError::Busy { name: d.name(), count });
+                    }
+                }
+                for d in &victims {
+                    let d = self.devices.take(&d.name())?;
+                    d.shutdown();
+                }
+                let uuids: Vec<String> = victims.iter().map(|d| d.uuid().to_string()).collect();
+                self.persist(|r| r.retain(|x| !uuids.contains(&x.uuid)))?;
+                info!(device = %name, forced = force, companions = ?companions, "removed");
                 Ok(Response::Ok)
             }
             Request::Rename { name, new_name } => {
                 let _g = self.ops.lock();
                 let dev = self.device(&name)?;
+                if dev.live_table().is_some_and(|t| t.targets().any(|(s, _)| s.target == "replicator")) {
+                    return Err(DaemonError::Unsupported(format!(
+                        "{name} is a replicator control device: its replicator-dev devices refer to it by name, so it cannot be renamed"
+                    )));
+                }
                 self.devices.rename(&name, &new_name)?;
                 let uuid = dev.uuid().to_string();
                 self.persist(|r| r.iter_mut().filter(|x| x.uuid == uuid).for_each(|x| x.name = new_name.clone()))?;
@@ -307,5 +386,10 @@ impl Daemon {
 }
 
 fn record_of(d: &MappedDevice) -> Option<DeviceRecord> {
-    d.live_table().map(|t| DeviceRecord { name: d.name(), uuid: d.uuid().to_string(), table: t.spec.to_string() })
+    d.live_table().map(|t| DeviceRecord {
+        name: d.name(),
+        uuid: d.uuid().to_string(),
+        table: t.spec.to_string(),
+        companion_of: None,
+    })
 }

@@ -21,6 +21,10 @@ pub struct DeviceRecord {
     pub name: String,
     pub uuid: String,
     pub table: String,
+    /// Set on devices created by another device's table (the paper-form replicator's
+    /// `NAME-<dev_nr>` devices): recreated with their parent, not on their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub companion_of: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,7 +110,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
         assert!(s.load().unwrap().is_empty());
-        let recs = vec![DeviceRecord { name: "a".into(), uuid: "u".into(), table: "0 8 zero\n".into() }];
+        let recs = vec![DeviceRecord { name: "a".into(), uuid: "u".into(), table: "0 8 zero\n".into(), companion_of: None }];
         s.save(&recs).unwrap();
         assert_eq!(s.load().unwrap(), recs);
         fs::write(s.file(), b"{\"format\": 99, \"devices\": []}").unwrap();

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod fault;
 pub mod registry;
 pub mod target;
 pub mod units;

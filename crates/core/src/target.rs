@@ -184,6 +184,13 @@ pub trait Target: Send + Sync {
     /// Called when the table becomes active again (resume). Default: nothing.
     fn resume(&self) {}
 
+    /// Devices this target asks the daemon to create beside its own, as
+    /// `(name, table text)`: the paper's one-line replicator table creates one device
+    /// per LD this way. Default: none.
+    fn companions(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Called when the table is being dropped (device removed or table replaced):
     /// release resources, stop threads. Default: nothing.
     fn shutdown(&self) {}

@@ -9,4 +9,6 @@
 
 pub mod control;
 pub mod nbd;
+pub mod replicator_table;
+pub mod replog;
 pub mod table;

@@ -1,0 +1,150 @@
+//! Replication policy and fall-behind accounting of one SLINK. Pure logic: the group
+//! feeds it numbers, it answers "must new writes wait for this SLINK?".
+//!
+//! An asynchronous SLINK may lag by at most `ios` entries, `bytes` bytes and `timeout`
+//! age of its oldest outstanding entry. At or over any threshold it is *forced
+//! synchronous*: the writes appended while forced wait for it, and the group admits no
+//! new entries that would take it past its `ios`/`bytes` bounds. Back under every
+//! threshold, asynchronous mode returns.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Policy set in the table or by message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub synchronous: bool,
+    /// When the log is full: block writes instead of leaving ordered mode.
+    pub stall: bool,
+}
+
+/// Fall-behind thresholds (None: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Thresholds {
+    pub ios: Option<u64>,
+    pub bytes: Option<u64>,
+    #[serde(serialize_with = "ser_ms")]
+    pub timeout: Option<Duration>,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+        None => s.serialize_none(),
+    }
+}
+
+impl Thresholds {
+    pub fn is_empty(&self) -> bool {
+        self.ios.is_none() && self.bytes.is_none() && self.timeout.is_none()
+    }
+}
+
+/// How far behind an SLINK is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Lag {
+    pub ios: u64,
+    pub bytes: u64,
+    #[serde(serialize_with = "ser_ms")]
+    pub oldest_age: Option<Duration>,
+}
+
+/// The mode an SLINK is in now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Synchronous by policy.
+    Synchronous,
+    Asynchronous,
+    /// Asynchronous by policy, over a fall-behind threshold.
+    ForcedSynchronous,
+}
+
+impl Mode {
+    /// Whether writes must wait for this SLINK.
+    pub fn waits(self) -> bool {
+        !matches!(self, Mode::Asynchronous)
+    }
+
+    /// One letter for the dmsetup-style status: S sync, A async, F forced sync.
+    pub fn letter(self) -> char {
+        match self {
+            Mode::Synchronous => 'S',
+            Mode::Asynchronous => 'A',
+            Mode::ForcedSynchronous => 'F',
+        }
+    }
+}
+
+/// Whether `lag` is at or over any threshold.
+pub fn over(t: &Thresholds, lag: &Lag) -> bool {
+    t.ios.is_some_and(|l| lag.ios >= l)
+        || t.bytes.is_some_and(|l| lag.bytes >= l)
+        || t.timeout.is_some_and(|l| lag.oldest_age.is_some_and(|a| a >= l))
+}
+
+/// The mode for `policy` at `lag`.
+pub fn mode(policy: &Policy, t: &Thresholds, lag: &Lag) -> Mode {
+    if policy.synchronous {
+        Mode::Synchronous
+    } else if over(t, lag) {
+        Mode::ForcedSynchronous
+    } else {
+        Mode::Asynchronous
+    }
+}
+
+/// How many more entries of the given sizes may be appended without taking an
+/// asynchronous SLINK past its `ios`/`bytes` bounds. At least one entry is admitted
+/// when nothing is outstanding, so an entry larger than `bytes` cannot wedge the group.
+pub fn admit(policy: &Policy, t: &Thresholds, lag: &Lag, sizes: impl Iterator<Item = u64>) -> usize {
+    if policy.synchronous {
+        return usize::MAX;
+    }
+    let mut ios = lag.ios;
+    let mut bytes = lag.bytes;
+    let mut n = 0usize;
+    for s in sizes {
+        let fits_ios = t.ios.is_none_or(|l| ios < l);
+        let fits_bytes = t.bytes.is_none_or(|l| bytes + s <= l);
+        if !(fits_ios && (fits_bytes || ios == 0)) {
+            break;
+        }
+        ios += 1;
+        bytes += s;
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ASYNC: Policy = Policy { synchronous: false, stall: false };
+
+    #[test]
+    fn modes() {
+        let t = Thresholds { ios: Some(100), ..Default::default() };
+        assert_eq!(mode(&ASYNC, &t, &Lag { ios: 99, ..Default::default() }), Mode::Asynchronous);
+        assert_eq!(mode(&ASYNC, &t, &Lag { ios: 100, ..Default::default() }), Mode::ForcedSynchronous);
+        let sync = Policy { synchronous: true, stall: false };
+        assert_eq!(mode(&sync, &t, &Lag::default()), Mode::Synchronous);
+        let t = Thresholds { timeout: Some(Duration::from_millis(10)), ..Default::default() };
+        let lag = Lag { ios: 1, bytes: 1, oldest_age: Some(Duration::from_millis(11)) };
+        assert_eq!(mode(&ASYNC, &t, &lag), Mode::ForcedSynchronous);
+    }
+
+    #[test]
+    fn admission_respects_bounds() {
+        let t = Thresholds { ios: Some(3), bytes: Some(10_000), ..Default::default() };
+        let lag = Lag { ios: 1, bytes: 4096, oldest_age: None };
+        assert_eq!(admit(&ASYNC, &t, &lag, [4096u64, 4096, 4096].into_iter()), 1);
+        let lag = Lag::default();
+        assert_eq!(admit(&ASYNC, &t, &lag, [4096u64, 4096, 4096].into_iter()), 2);
+        // One oversized entry is admitted into an empty lag.
+        assert_eq!(admit(&ASYNC, &t, &lag, [1 << 20].into_iter()), 1);
+        assert_eq!(admit(&ASYNC, &Thresholds::default(), &lag, [1u64; 50].into_iter()), 50);
+    }
+}

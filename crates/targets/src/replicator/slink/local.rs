@@ -1,0 +1,115 @@
+//! `local` (alias `blockdev`): the site's devices are files or block devices on this
+//! host (iSCSI, FC and the like look local too).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use dmrep_core::{BlockBackend, FileBackend, TargetError};
+use parking_lot::RwLock;
+
+use super::{ApplyEntry, SlinkHandler};
+use crate::replicator::log::EntryKind;
+
+struct Dev {
+    backend: Arc<dyn BlockBackend>,
+    path: String,
+}
+
+/// Devices by dev_nr.
+#[derive(Default)]
+pub struct LocalSlink {
+    devs: RwLock<BTreeMap<u32, Dev>>,
+    /// Test hook: a back-end to use instead of opening a path (fault injection).
+    overrides: RwLock<BTreeMap<String, Arc<dyn BlockBackend>>>,
+}
+
+impl LocalSlink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Use `backend` whenever `path` is attached (tests: slow or failing devices).
+    pub fn override_path(&self, path: &str, backend: Arc<dyn BlockBackend>) {
+        self.overrides.write().insert(path.to_string(), backend);
+    }
+
+    fn dev(&self, dev_nr: u32) -> io::Result<Arc<dyn BlockBackend>> {
+        self.devs
+            .read()
+            .get(&dev_nr)
+            .map(|d| d.backend.clone())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("device {dev_nr} not attached")))
+    }
+}
+
+impl SlinkHandler for LocalSlink {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn attach(&self, dev_nr: u32, device: &str, need_bytes: u64) -> Result<(), TargetError> {
+        let backend: Arc<dyn BlockBackend> = match self.overrides.read().get(device) {
+            Some(b) => b.clone(),
+            None => Arc::new(
+                FileBackend::open(Path::new(device))
+                    .map_err(|e| TargetError::Device { path: device.to_string(), source: e })?,
+            ),
+        };
+        if backend.size() < need_bytes {
+            return Err(TargetError::params(
+                "replicator",
+                format!(
+                    "{device}: device {dev_nr} is {} sectors, smaller than the {} sectors it must hold",
+                    backend.size() / 512,
+                    need_bytes / 512
+                ),
+            ));
+        }
+        self.devs.write().insert(dev_nr, Dev { backend, path: device.to_string() });
+        Ok(())
+    }
+
+    fn detach(&self, dev_nr: u32) {
+        self.devs.write().remove(&dev_nr);
+    }
+
+    fn has_device(&self, dev_nr: u32) -> bool {
+        self.devs.read().contains_key(&dev_nr)
+    }
+
+    fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
+        let mut touched = BTreeSet::new();
+        for e in entries {
+            let dev = self.dev(e.dev_nr)?;
+            match e.kind {
+                EntryKind::Write => dev.write_at(e.data, e.offset)?,
+                EntryKind::WriteZeroes => dev.write_zeroes(e.offset, e.len as u64, false)?,
+                EntryKind::Discard => dev.discard(e.offset, e.len as u64)?,
+            }
+            touched.insert(e.dev_nr);
+        }
+        for nr in touched {
+            self.dev(nr)?.sync()?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.dev(dev_nr)?.read_at(buf, offset)
+    }
+
+    fn probe(&self) -> io::Result<()> {
+        let devs: Vec<_> = self.devs.read().values().map(|d| d.backend.clone()).collect();
+        let mut sector = [0u8; 512];
+        for d in devs {
+            d.read_at(&mut sector, 0)?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.devs.read().iter().map(|(nr, d)| format!("{nr}:{}", d.path)).collect::<Vec<_>>().join(",")
+    }
+}

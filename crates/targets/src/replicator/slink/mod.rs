@@ -1,0 +1,54 @@
+//! Site links. An SLINK handler moves log entries to one site's devices; the group
+//! decides *which* entries and *when* (in log order, one epoch at a time), the handler
+//! only *how*. One implementation per transport: [`local`] (files and block devices,
+//! alias `blockdev`); `net` and `s3` plug in here without touching the log.
+
+pub mod local;
+
+use std::io;
+
+use dmrep_core::TargetError;
+
+use super::log::EntryKind;
+
+/// One entry to apply: where, what, and its data (empty unless `kind` is `Write`).
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyEntry<'a> {
+    pub dev_nr: u32,
+    pub offset: u64,
+    pub len: u32,
+    pub kind: EntryKind,
+    pub data: &'a [u8],
+}
+
+/// A transport to one site.
+pub trait SlinkHandler: Send + Sync {
+    /// The table keyword of the transport.
+    fn kind(&self) -> &'static str;
+
+    /// Attach device `dev_nr` of this site, given by the table's device parameter, and
+    /// check it can hold `need_bytes`.
+    fn attach(&self, dev_nr: u32, device: &str, need_bytes: u64) -> Result<(), TargetError>;
+
+    /// Detach device `dev_nr` (its replicator-dev went away).
+    fn detach(&self, dev_nr: u32);
+
+    /// Whether device `dev_nr` is attached.
+    fn has_device(&self, dev_nr: u32) -> bool;
+
+    /// Apply one epoch of entries, in the given order, and make them durable at the
+    /// site before returning. Entries of one epoch were concurrent writes, so the
+    /// handler may reorder or parallelise them; it must not start another epoch
+    /// before this one is durable.
+    fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()>;
+
+    /// Read from device `dev_nr` of this site (LD reads; resync source).
+    fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Check whether the site answers (after a failure). Default: try a read of
+    /// every attached device's first sector.
+    fn probe(&self) -> io::Result<()>;
+
+    /// Human-readable description of where the site's devices are.
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,421 @@
+//! The `replicator` control target and the `replicator-dev` target.
+//!
+//! Two table forms (DESIGN section 5):
+//! - the paper's one-line form: a `replicator` segment naming the log, the SLINKs and
+//!   the devices; the daemon then creates one companion device `NAME-<dev_nr>` per LD,
+//!   whose table is the equivalent `replicator-dev` line ([`Target::companions`]);
+//! - the two-target form: a `replicator` control device (log and SLINKs only) and one
+//!   `replicator-dev <control> <dev_nr> ...` device per replicated device.
+//!
+//! The control device itself holds no data: reads return zeros, writes fail (EPERM).
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dmrep_core::units::sectors_to_bytes;
+use dmrep_core::{BlockBackend, BuildContext, Completion, FileBackend, Op, Request, Target, TargetError, TargetStatus};
+use dmrep_formats::replicator_table::{
+    parse_replicator, parse_replicator_dev, DirtyLogSpec, Mode as SpecMode, OpenMode, ReplicaSpec, ReplicatorSpec,
+    SlinkKind,
+};
+use dmrep_formats::table::SegmentSpec;
+use parking_lot::Mutex;
+
+use super::fallbehind::{Policy, Thresholds};
+use super::group::{Group, SlinkSetup, MAX_ENTRY_DATA};
+use super::log::RingLog;
+use super::slink::local::LocalSlink;
+use super::slink::SlinkHandler;
+
+const T: &str = "replicator";
+const TD: &str = "replicator-dev";
+
+/// Logs in use by a live group, by (canonical path, start byte): two groups on one
+/// log would destroy it.
+fn open_logs() -> &'static Mutex<HashSet<(PathBuf, u64)>> {
+    static LOGS: OnceLock<Mutex<HashSet<(PathBuf, u64)>>> = OnceLock::new();
+    LOGS.get_or_init(Default::default)
+}
+
+/// What a control device publishes for its replicator-devs.
+pub struct GroupHandle {
+    group: Mutex<Option<Arc<Group>>>,
+    /// Paths attached by the paper form, per (slink, dev_nr).
+    declared: Vec<(u32, u32, String)>,
+}
+
+impl GroupHandle {
+    fn group(&self) -> Option<Arc<Group>> {
+        self.group.lock().clone()
+    }
+}
+
+pub fn policy_of(p: &dmrep_formats::replicator_table::Policy) -> Policy {
+    Policy { synchronous: p.mode == SpecMode::Synchronous, stall: p.stall }
+}
+
+pub fn thresholds_of(f: &dmrep_formats::replicator_table::FallBehind) -> Thresholds {
+    Thresholds { ios: f.ios, bytes: f.size_bytes, timeout: f.timeout_ms.map(Duration::from_millis) }
+}
+
+/// Refuse what this build cannot do yet, with a clear word, before opening anything.
+fn check_supported(replicas: &[ReplicaSpec]) -> Result<(), TargetError> {
+    for r in replicas {
+        match &r.dirty_log {
+            DirtyLogSpec::None | DirtyLogSpec::Core { sync: false, .. } => {}
+            DirtyLogSpec::Core { sync: true, .. } | DirtyLogSpec::Disk { .. } => {
+                return Err(TargetError::params(
+                    T,
+                    format!(
+                        "slink {} device {}: dirty log \"{} ... sync\"/\"disk\" needs initial/region resync, \
+                         which this build does not have yet; copy the device first and use \"core 2 <region> nosync\"",
+                        r.slink_nr,
+                        r.path,
+                        r.dirty_log.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub struct ReplicatorTarget {
+    name: String,
+    spec: ReplicatorSpec,
+    handle: Arc<GroupHandle>,
+    group: Arc<Group>,
+    log_key: (PathBuf, u64),
+    len_sectors: u64,
+}
+
+pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
+    let spec = parse_replicator(&seg.args).map_err(|e| TargetError::params(T, e.to_string()))?;
+    for s in &spec.slinks {
+        if s.kind != SlinkKind::Local {
+            return Err(TargetError::params(
+                T,
+                format!("slink {}: transport \"{}\" is not available in this build (use local)", s.nr, s.kind.name()),
+            ));
+        }
+    }
+    for d in &spec.devices {
+        check_supported(&d.replicas)?;
+        for s in &spec.slinks {
+            if !d.replicas.iter().any(|r| r.slink_nr == s.nr) {
+                return Err(TargetError::params(T, format!("device {}: no device on slink {}", d.dev_nr, s.nr)));
+            }
+        }
+    }
+    let dev_bytes = sectors_to_bytes(seg.len);
+
+    // The log.
+    let lpath = &spec.log.path;
+    let canon = std::fs::canonicalize(lpath).map_err(|e| TargetError::Device { path: lpath.clone(), source: e })?;
+    let start = sectors_to_bytes(spec.log.start_sector);
+    let key = (canon, start);
+    if !open_logs().lock().insert(key.clone()) {
+        return Err(TargetError::params(T, format!("replication log {lpath} at sector {} is in use by another group", spec.log.start_sector)));
+    }
+    let release = |e: TargetError| {
+        open_logs().lock().remove(&key);
+        e
+    };
+    let backend: Arc<dyn BlockBackend> = Arc::new(
+        FileBackend::open(Path::new(lpath)).map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?,
+    );
+    let size = match spec.log.size_sectors {
+        Some(s) => sectors_to_bytes(s),
+        None => backend.size().saturating_sub(start) & !4095,
+    };
+    if start + size > backend.size() && spec.log.open_mode != OpenMode::Open {
+        return Err(release(TargetError::params(
+            T,
+            format!("replication log {lpath}: {} sectors from sector {} do not fit in its {} sectors", size / 512, start / 512, backend.size() / 512),
+        )));
+    }
+    let log_err = |e: super::log::LogError| release(TargetError::params(T, format!("replication log {lpath}: {e}")));
+    let (log, recovery) = match spec.log.open_mode {
+        OpenMode::Create => (RingLog::create(backend, start, size).map_err(log_err)?, None),
+        OpenMode::Open => {
+            let (l, r) = RingLog::open(backend, start).map_err(log_err)?;
+            (l, Some(r))
+        }
+        OpenMode::Auto => RingLog::open_or_create(backend, start, size).map_err(log_err)?,
+    };
+    if let Some(r) = &recovery {
+        tracing::info!(group = ctx.device_name, "replication log recovered: {r:?}");
+    }
+    if log.max_entry_data() < MAX_ENTRY_DATA {
+        return Err(release(TargetError::params(
+            T,
+            format!(
+                "replication log {lpath} is too small: it must hold at least one maximal entry ({} KiB of data plus its header)",
+                MAX_ENTRY_DATA / 1024
+            ),
+        )));
+    }
+
+    // The SLINKs and, in the paper form, the devices.
+    let mut setups = Vec::new();
+    let mut declared = Vec::new();
+    for s in &spec.slinks {
+        let h = Arc::new(LocalSlink::new());
+        for d in &spec.devices {
+            for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
+                h.attach(d.dev_nr, &r.path, dev_bytes).map_err(release)?;
+                declared.push((s.nr, d.dev_nr, r.path.clone()));
+            }
+        }
+        setups.push(SlinkSetup {
+            nr: s.nr as u16,
+            handler: h as Arc<dyn SlinkHandler>,
+            policy: policy_of(&s.policy),
+            thresholds: thresholds_of(&s.fallbehind),
+        });
+    }
+    let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups, dev_bytes)
+        .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?;
+    let handle = Arc::new(GroupHandle { group: Mutex::new(Some(group.clone())), declared });
+    ctx.devices.publish(ctx.device_name, handle.clone());
+    Ok(Arc::new(ReplicatorTarget {
+        name: ctx.device_name.to_string(),
+        spec,
+        handle,
+        group,
+        log_key: key,
+        len_sectors: seg.len,
+    }))
+}
+
+impl Target for ReplicatorTarget {
+    fn type_name(&self) -> &'static str {
+        T
+    }
+
+    fn submit(&self, mut req: Request, done: Completion) {
+        match req.op {
+            Op::Read => {
+                req.buf.fill(0);
+                done.complete(req, Ok(()))
+            }
+            Op::Flush => done.complete(req, Ok(())),
+            _ => done.complete(req, Err(io::Error::from_raw_os_error(1))),
+        }
+    }
+
+    fn status(&self) -> TargetStatus {
+        let st = self.group.status();
+        let mut line = format!("{}", st.slinks.len());
+        for s in &st.slinks {
+            line.push_str(&format!(
+                " {}:{},{},{},{}ms,{}",
+                s.slink,
+                s.mode.letter(),
+                s.outstanding_ios,
+                s.outstanding_bytes,
+                s.oldest_outstanding_ms.unwrap_or(0),
+                if s.accessible { "up" } else { "down" }
+            ));
+        }
+        line.push_str(&format!(
+            " log {}/{} head {} next {}",
+            st.log.used_bytes, st.log.ring_len, st.log.head_seq, st.log.next_seq
+        ));
+        TargetStatus::new(line, serde_json::to_value(&st).unwrap_or_default())
+    }
+
+    fn message(&self, args: &[String]) -> Result<String, TargetError> {
+        let err = |m: String| TargetError::Message { target: T, msg: m };
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        match a.as_slice() {
+            ["stop" | "suspend", rest @ ..] if rest.is_empty() || rest == ["all"] => {
+                self.group.set_shipping(false);
+                Ok("shipping stopped".into())
+            }
+            ["start" | "resume", rest @ ..] if rest.is_empty() || rest == ["all"] => {
+                self.group.set_shipping(true);
+                Ok("shipping started".into())
+            }
+            ["statistics", cmd] => self.group.statistics(cmd).map(|_| String::new()).map_err(err),
+            ["slink", nr, "policy", p] | ["slink", "message", nr, "policy", p] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                let pol: dmrep_formats::replicator_table::Policy = p.parse().map_err(|e| err(format!("{e}")))?;
+                self.group.set_policy(nr, policy_of(&pol)).map_err(err)?;
+                Ok(format!("slink {nr} policy {pol}"))
+            }
+            ["slink", nr, "fallbehind", rest @ ..] | ["slink", "message", nr, "fallbehind", rest @ ..]
+                if !rest.is_empty() =>
+            {
+                let nr = parse_slink(nr).map_err(err)?;
+                let mut fb = dmrep_formats::replicator_table::FallBehind::default();
+                fb.parse_into(rest).map_err(|e| err(e.to_string()))?;
+                self.group
+                    .set_threshold(nr, |t| {
+                        let n = thresholds_of(&fb);
+                        if n.ios.is_some() {
+                            t.ios = n.ios;
+                        }
+                        if n.bytes.is_some() {
+                            t.bytes = n.bytes;
+                        }
+                        if n.timeout.is_some() {
+                            t.timeout = n.timeout;
+                        }
+                    })
+                    .map_err(err)?;
+                Ok(format!("slink {nr} fallbehind {}", fb.to_args().join(" ")))
+            }
+            _ => Err(err(format!(
+                "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
+                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>)",
+                args.join(" ")
+            ))),
+        }
+    }
+
+    fn companions(&self) -> Vec<(String, String)> {
+        self.spec
+            .devices
+            .iter()
+            .map(|d| {
+                let dev = dmrep_formats::replicator_table::ReplicatorDevSpec {
+                    control: self.name.clone(),
+                    dev_nr: d.dev_nr,
+                    replicas: d.replicas.clone(),
+                };
+                (format!("{}-{}", self.name, d.dev_nr), format!("0 {} {} {}\n", self.len_sectors, TD, dev.to_args().join(" ")))
+            })
+            .collect()
+    }
+
+    fn shutdown(&self) {
+        self.handle.group.lock().take();
+        self.group.shutdown();
+        open_logs().lock().remove(&self.log_key);
+    }
+}
+
+fn parse_slink(s: &str) -> Result<u16, String> {
+    s.parse::<u16>().map_err(|_| format!("slink number: expected an integer, found {s:?}"))
+}
+
+/// A replicated device of a group.
+pub struct ReplicatorDev {
+    group: Arc<Group>,
+    dev_nr: u32,
+    attached: Vec<u16>,
+    replicas: Vec<ReplicaSpec>,
+    len: u64,
+}
+
+pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
+    let spec = parse_replicator_dev(&seg.args).map_err(|e| TargetError::params(TD, e.to_string()))?;
+    check_supported(&spec.replicas)?;
+    let handle = ctx.devices.lookup::<GroupHandle>(&spec.control).ok_or_else(|| {
+        TargetError::params(TD, format!("control device {:?} not found (create its replicator table first)", spec.control))
+    })?;
+    let group = handle
+        .group()
+        .ok_or_else(|| TargetError::params(TD, format!("control device {:?} is shut down", spec.control)))?;
+    let len = sectors_to_bytes(seg.len);
+    for nr in group.slink_numbers() {
+        if !spec.replicas.iter().any(|r| r.slink_nr == nr as u32) {
+            return Err(TargetError::params(TD, format!("device {}: no device on slink {nr} of group {}", spec.dev_nr, spec.control)));
+        }
+    }
+    let mut attached = Vec::new();
+    for r in &spec.replicas {
+        let h = group.handler(r.slink_nr as u16).ok_or_else(|| {
+            TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
+        })?;
+        let declared = handle.declared.iter().any(|(s, d, p)| *s == r.slink_nr && *d == spec.dev_nr && *p == r.path);
+        if !declared {
+            if h.has_device(spec.dev_nr) {
+                return Err(TargetError::params(
+                    TD,
+                    format!("device {} on slink {} is already attached to group {}", spec.dev_nr, r.slink_nr, spec.control),
+                ));
+            }
+            if let Err(e) = h.attach(spec.dev_nr, &r.path, len) {
+                for nr in &attached {
+                    if let Some(h) = group.handler(*nr) {
+                        h.detach(spec.dev_nr);
+                    }
+                }
+                return Err(e);
+            }
+            attached.push(r.slink_nr as u16);
+        }
+    }
+    group.kick();
+    Ok(Arc::new(ReplicatorDev { group, dev_nr: spec.dev_nr, attached, replicas: spec.replicas, len }))
+}
+
+impl Target for ReplicatorDev {
+    fn type_name(&self) -> &'static str {
+        TD
+    }
+
+    fn submit(&self, mut req: Request, done: Completion) {
+        match req.op {
+            Op::Read => {
+                let r = self.group.read(self.dev_nr, req.offset, &mut req.buf);
+                done.complete(req, r)
+            }
+            // Every acknowledged write is durable in the log already.
+            Op::Flush => done.complete(req, Ok(())),
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard => self.group.submit_write(self.dev_nr, req, done),
+        }
+    }
+
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    fn status(&self) -> TargetStatus {
+        let st = self.group.status();
+        let mut line = String::new();
+        let mut slinks = Vec::new();
+        for r in &self.replicas {
+            let s = st.slinks.iter().find(|s| s.slink as u32 == r.slink_nr);
+            let acc = s.map(|s| s.accessible).unwrap_or(false);
+            let (insync, total) = match r.dirty_log.region_sectors() {
+                Some(reg) => {
+                    let total = self.len.div_ceil(sectors_to_bytes(reg));
+                    (total, total)
+                }
+                None => (0, 0),
+            };
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            if r.slink_nr == 0 {
+                line.push_str(&format!("0:{},-", if acc { "A" } else { "D" }));
+            } else {
+                line.push_str(&format!("{}:{},{insync}/{total}", r.slink_nr, if acc { "A" } else { "D" }));
+            }
+            slinks.push(serde_json::json!({
+                "slink": r.slink_nr,
+                "device": r.path,
+                "accessible": acc,
+                "dirty_log": r.dirty_log.name(),
+                "regions_in_sync": insync,
+                "regions": total,
+                "write_order_consistent": true,
+            }));
+        }
+        TargetStatus::new(line, serde_json::json!({ "group": st.group, "dev_nr": self.dev_nr, "slinks": slinks }))
+    }
+
+    fn shutdown(&self) {
+        for nr in &self.attached {
+            if let Some(h) = self.group.handler(*nr) {
+                h.detach(self.dev_nr);
+            }
+        }
+    }
+}
