@@ -34,7 +34,6 @@ pub struct Running {
     pub daemon: Arc<Daemon>,
     pub nbd: Arc<NbdServer>,
     pub control: ControlServer,
-    pub control_path: PathBuf,
     pub tcp: Option<std::net::SocketAddr>,
 }
 
@@ -50,7 +49,9 @@ impl Running {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DMREP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// Start a daemon in this process.
@@ -84,7 +85,7 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
         nbd_tcp = ?tcp,
         "dmrep daemon ready"
     );
-    Ok(Running { daemon, nbd, control, control_path, tcp })
+    Ok(Running { daemon, nbd, control, tcp })
 }
 
 /// Block until SIGTERM or SIGINT.

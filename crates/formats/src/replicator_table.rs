@@ -873,8 +873,8 @@ pub fn parse_replicator<S: AsRef<str>>(args: &[S]) -> Result<ReplicatorSpec, Rep
         if count_tok.and_then(parse_u64).is_none() {
             return Err(with_note(
                 invalid(&ctx, "#dev_params", shape, count_tok),
-                "the first SLINK entry carries a device, so this is the one-line form, \
-                 where every entry carries one",
+                "the first SLINK entry carries a device, so this is the one-line form, where every \
+                 entry carries one; does the #slink_params count cover all the SLINK's parameters?",
             ));
         }
         let dev = cur.counted(&ctx, "#dev_params", shape)?;
@@ -1061,26 +1061,26 @@ impl ReplicatorSpec {
                     slink: s.nr,
                     found: s.fallbehind.to_args().join(" "),
                 });
-                let params = s.kind.params();
-                if let Some(p) = params.iter().find(|p| p.is_empty()) {
-                    return Err(invalid(
+            }
+            let params = s.kind.params();
+            if let Some(p) = params.iter().find(|p| p.is_empty()) {
+                return Err(invalid(
+                    format!("slink {}", s.nr),
+                    "transport parameter",
+                    "a non-empty parameter",
+                    Some(p),
+                ));
+            }
+            if !params.is_empty() && is_threshold(params, 0) {
+                return Err(with_note(
+                    invalid(
                         format!("slink {}", s.nr),
                         "transport parameter",
-                        "a non-empty parameter",
-                        Some(p),
-                    ));
-                }
-                if !params.is_empty() && is_threshold(params, 0) {
-                    return Err(with_note(
-                        invalid(
-                            format!("slink {}", s.nr),
-                            "transport parameter",
-                            "a parameter that is not a fall-behind threshold",
-                            Some(&params[0]),
-                        ),
-                        "the first transport parameter would be read as a threshold",
-                    ));
-                }
+                        "a parameter that is not a fall-behind threshold",
+                        Some(&params[0]),
+                    ),
+                    "the first transport parameter would be read as a threshold",
+                ));
             }
         }
         if !self.slinks.iter().any(|s| s.nr == 0) {
@@ -1175,7 +1175,12 @@ impl ReplicatorDevSpec {
     /// Checks every rule of the grammar (the parser calls this).
     pub fn validate(&self) -> Result<(), ReplicatorTableError> {
         if self.control.is_empty() {
-            return Err(invalid("replicator-dev", "control_dev", "a device name", Some("")));
+            return Err(invalid(
+                "replicator-dev",
+                "control_dev",
+                "the name of the replicator control device",
+                Some(""),
+            ));
         }
         validate_replicas(self.dev_nr, &self.replicas)
     }

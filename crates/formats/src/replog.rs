@@ -86,14 +86,8 @@ pub const fn pad_to_record(n: u64) -> u64 {
 /// A set of SLINK numbers (`0..2048`) as a 2048-bit bitmap: the SLINKs that need an entry.
 ///
 /// On disk: 32 little-endian u64 words, bit `n % 64` of word `n / 64` is SLINK `n`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct SlinkSet([u64; 32]);
-
-impl Default for SlinkSet {
-    fn default() -> Self {
-        SlinkSet([0; 32])
-    }
-}
 
 impl SlinkSet {
     /// The empty set.
@@ -358,7 +352,7 @@ impl Superblock {
 
     /// Checks the geometry and the invariants between fields.
     pub fn validate(&self) -> Result<(), String> {
-        if self.region_size < MIN_REGION_SIZE || self.region_size % REGION_ALIGN != 0 {
+        if self.region_size < MIN_REGION_SIZE || !self.region_size.is_multiple_of(REGION_ALIGN) {
             return Err(format!(
                 "region size {} (must be a multiple of {REGION_ALIGN} and at least {MIN_REGION_SIZE})",
                 self.region_size
@@ -370,7 +364,7 @@ impl Superblock {
         if self.ring_len != self.region_size - self.ring_offset {
             return Err(format!("ring length {} does not match region size {}", self.ring_len, self.region_size));
         }
-        if self.head_pos >= self.ring_len || self.head_pos % RECORD_ALIGN != 0 {
+        if self.head_pos >= self.ring_len || !self.head_pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("head position {} outside the ring or unaligned", self.head_pos));
         }
         if self.head_seq == 0 || self.generation == 0 || self.incarnation == 0 {

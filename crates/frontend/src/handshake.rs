@@ -12,8 +12,8 @@ use std::sync::Arc;
 use dmrep_core::device::OpenHandle;
 use dmrep_core::{DeviceRegistry, MappedDevice};
 use dmrep_formats::nbd::{
-    self, ClientFlags, ClientOption, ExportNameReply, Greeting, InfoReply, InfoRequest,
-    OptionHeader, OptionReply, WireError,
+    self, ClientFlags, ClientOption, ExportNameReply, Greeting, InfoReply, InfoRequest, OptionHeader, OptionReply,
+    WireError,
 };
 
 use crate::sock::Sock;
@@ -81,10 +81,7 @@ pub(crate) fn negotiate(
     limits: &Limits,
 ) -> Result<Option<Negotiated>, HandshakeError> {
     let offered = nbd::FLAG_FIXED_NEWSTYLE | nbd::FLAG_NO_ZEROES;
-    sock.send_all(&[&Greeting {
-        handshake_flags: offered,
-    }
-    .encode()])?;
+    sock.send_all(&[&Greeting { handshake_flags: offered }.encode()])?;
     let mut b = [0u8; ClientFlags::LEN];
     sock.recv_exact(&mut b)?;
     let flags = ClientFlags::decode(&b)?;
@@ -108,20 +105,13 @@ pub(crate) fn negotiate(
         out.clear();
 
         if hdr.option == nbd::OPT_STARTTLS {
-            reply_error(
-                &mut out,
-                hdr.option,
-                nbd::REP_ERR_UNSUP,
-                "TLS is not supported by this server",
-            );
+            reply_error(&mut out, hdr.option, nbd::REP_ERR_UNSUP, "TLS is not supported by this server");
             sock.send_all(&[&out])?;
             continue;
         }
         let opt = match ClientOption::decode(hdr.option, &payload) {
             Ok(o) => o,
-            Err(e) if hdr.option == nbd::OPT_EXPORT_NAME => {
-                return Err(HandshakeError::BadExportName(e))
-            }
+            Err(e) if hdr.option == nbd::OPT_EXPORT_NAME => return Err(HandshakeError::BadExportName(e)),
             Err(e) => {
                 tracing::debug!(option = hdr.option, error = %e, "invalid option");
                 reply_error(&mut out, hdr.option, e.option_reply_code(), &e.to_string());
@@ -134,18 +124,10 @@ pub(crate) fn negotiate(
                 let Some(dev) = lookup(devices, &name) else {
                     return Err(HandshakeError::UnknownExport(name));
                 };
-                ExportNameReply {
-                    size: dev.size(),
-                    flags: transmission_flags(structured),
-                }
-                .encode(flags.no_zeroes(), &mut out);
+                ExportNameReply { size: dev.size(), flags: transmission_flags(structured) }
+                    .encode(flags.no_zeroes(), &mut out);
                 sock.send_all(&[&out])?;
-                return Ok(Some(Negotiated {
-                    open: dev.open(),
-                    device: dev,
-                    structured,
-                    export: name,
-                }));
+                return Ok(Some(Negotiated { open: dev.open(), device: dev, structured, export: name }));
             }
             ClientOption::Abort => {
                 OptionReply::Ack.encode(hdr.option, &mut out);
@@ -155,11 +137,7 @@ pub(crate) fn negotiate(
             }
             ClientOption::List => {
                 for dev in devices.list() {
-                    OptionReply::Server {
-                        name: dev.name(),
-                        description: String::new(),
-                    }
-                    .encode(hdr.option, &mut out);
+                    OptionReply::Server { name: dev.name(), description: String::new() }.encode(hdr.option, &mut out);
                 }
                 OptionReply::Ack.encode(hdr.option, &mut out);
             }
@@ -217,11 +195,7 @@ fn lookup(devices: &DeviceRegistry, name: &str) -> Option<Arc<MappedDevice>> {
 }
 
 fn reply_error(out: &mut Vec<u8>, option: u32, code: u32, message: &str) {
-    OptionReply::Error {
-        code,
-        message: message.to_string(),
-    }
-    .encode(option, out);
+    OptionReply::Error { code, message: message.to_string() }.encode(option, out);
 }
 
 /// `NBD_REP_INFO` replies for `INFO`/`GO`: `NBD_INFO_EXPORT` always, then each
@@ -234,23 +208,16 @@ fn info_replies(
     structured: bool,
     limits: &Limits,
 ) {
-    OptionReply::Info(InfoReply::Export {
-        size: dev.size(),
-        flags: transmission_flags(structured),
-    })
-    .encode(option, out);
+    OptionReply::Info(InfoReply::Export { size: dev.size(), flags: transmission_flags(structured) })
+        .encode(option, out);
     let mut sent = [false; 4];
     for &info in &req.infos {
         let reply = match info {
             nbd::INFO_NAME => InfoReply::Name(dev.name()),
-            nbd::INFO_DESCRIPTION => {
-                InfoReply::Description(format!("dmrep mapped device {}", dev.uuid()))
+            nbd::INFO_DESCRIPTION => InfoReply::Description(format!("dmrep mapped device {}", dev.uuid())),
+            nbd::INFO_BLOCK_SIZE => {
+                InfoReply::BlockSize { min: 1, preferred: PREFERRED_BLOCK, max: limits.max_request }
             }
-            nbd::INFO_BLOCK_SIZE => InfoReply::BlockSize {
-                min: 1,
-                preferred: PREFERRED_BLOCK,
-                max: limits.max_request,
-            },
             _ => continue,
         };
         if std::mem::replace(&mut sent[info as usize], true) {

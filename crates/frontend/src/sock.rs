@@ -34,10 +34,7 @@ impl Sock {
     pub(crate) fn peer(&self) -> String {
         match self {
             Sock::Unix(_) => "unix".to_string(),
-            Sock::Tcp(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "tcp".to_string()),
+            Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp".to_string()),
         }
     }
 
@@ -89,13 +86,16 @@ impl Sock {
         }
         let mut first = 0;
         while first < count {
-            let iov: [IoSlice<'_>; MAX_PARTS] = std::array::from_fn(|i| {
-                if first + i < count {
-                    IoSlice::new(rest[first + i])
-                } else {
-                    IoSlice::new(&[])
-                }
-            });
+            let iov: [IoSlice<'_>; MAX_PARTS] =
+                std::array::from_fn(
+                    |i| {
+                        if first + i < count {
+                            IoSlice::new(rest[first + i])
+                        } else {
+                            IoSlice::new(&[])
+                        }
+                    },
+                );
             let n = match rustix::net::sendmsg(
                 self,
                 &iov[..count - first],
