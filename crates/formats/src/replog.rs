@@ -145,10 +145,17 @@ impl SlinkSet {
 
     /// SLINK numbers in increasing order.
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
-        self.0
-            .iter()
-            .enumerate()
-            .flat_map(|(w, &word)| (0..64u16).filter(move |b| word & (1 << b) != 0).map(move |b| w as u16 * 64 + b))
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as u16;
+                bits &= bits - 1;
+                Some(w as u16 * 64 + b)
+            })
+        })
     }
 
     /// The raw words (for encoding).

@@ -9,9 +9,11 @@
 //!
 //! - hands the reader role on (unlocks, spawning a follower if none is waiting and the
 //!   pool is not full) and submits the request itself, when more input is already
-//!   queued on the socket: the pipelined case, where requests run in parallel; or
-//! - submits the request while still holding the role, when nothing else is queued:
-//!   the queue-depth-1 case, where waking another thread would only add latency.
+//!   queued on the socket and submits have recently been slow (see
+//!   [`HANDOFF_MIN_SUBMIT_NS`]): requests then run in parallel; or
+//! - submits the request while keeping the role, otherwise: at queue depth 1, or with
+//!   a fast or asynchronous target, waking another thread would cost more than it
+//!   saves.
 //!
 //! `MappedDevice::submit` may block (a suspended device holds requests): the blocked
 //! thread simply keeps its request, and the others go on reading until all are held.
@@ -20,7 +22,9 @@
 //!
 //! A request completes through [`IoSink::complete`] on whatever thread the target
 //! chooses, now or later. The reply (header and data) is written there, with one
-//! vectored `sendmsg` under the write mutex, so replies go out in completion order.
+//! non-blocking vectored `sendmsg`, so replies go out in completion order; if the client
+//! is slow to read, the reply waits in a backlog instead of blocking that thread (see
+//! [`crate::reply`]).
 //!
 //! # Memory
 //!
@@ -37,11 +41,12 @@
 //! flight to complete (replies still go out after `DISC`) before the socket is closed
 //! and the device's open handle dropped.
 
+use std::cell::Cell;
 use std::io;
 use std::net::Shutdown;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -52,6 +57,7 @@ use dmrep_formats::nbd::{
 use parking_lot::{Condvar, Mutex};
 
 use crate::handshake::Negotiated;
+use crate::reply::{Replies, Reply, Sent};
 use crate::sock::Sock;
 
 /// Read-ahead buffer size: holds a few dozen pipelined request headers (with small write
@@ -76,11 +82,57 @@ const POOL_MAX_BYTES: usize = 16 << 20;
 /// and discarded (and failed); anything larger closes the connection.
 const SPEC_DOS_FLOOR: u64 = 1 << 25;
 
+/// Submits shorter than this (on average) run inline on the reader even when more
+/// requests are queued: handing the reader role to another thread costs a futex wake-up
+/// and a context switch (a few microseconds of CPU), more than a memory copy or a
+/// page-cache hit saves by running in parallel. Slower targets (disk misses, blocking
+/// writes) go parallel; asynchronous ones (which return at once) stay inline.
+const HANDOFF_MIN_SUBMIT_NS: u64 = 20_000;
+
+/// Most replies the reader corks before sending them (one `sendmsg` for all).
+const CORK_MAX_REPLIES: usize = 32;
+/// Most reply bytes the reader corks: beyond this, batching saves nothing.
+const CORK_MAX_BYTES: usize = 256 << 10;
+
+thread_local! {
+    /// The connection (its address) whose reader role this thread holds: replies
+    /// completed on this thread for it are corked, and sent together when the reader
+    /// is about to wait for input (or the cork is full).
+    static CORKING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Replies corked by the reader, and a spare list for the sent ones (both keep their
+/// capacity, so corking allocates nothing in the steady state).
+struct Cork {
+    replies: Vec<Reply>,
+    done: Vec<Reply>,
+    bytes: usize,
+}
+
+/// Corking for as long as the reader role is held; flushes when dropped.
+struct CorkGuard<'a>(&'a Conn);
+
+impl<'a> CorkGuard<'a> {
+    fn new(conn: &'a Conn) -> Self {
+        CORKING.with(|c| c.set(conn.addr()));
+        CorkGuard(conn)
+    }
+}
+
+impl Drop for CorkGuard<'_> {
+    fn drop(&mut self) {
+        CORKING.with(|c| c.set(0));
+        self.0.flush_cork();
+    }
+}
+
 /// Per-connection settings.
 pub(crate) struct ConnParams {
     pub id: u64,
     pub max_request: u32,
     pub workers: usize,
+    /// Set when the server shuts down: read no more requests.
+    pub server_stop: Arc<AtomicBool>,
 }
 
 /// The data needed to reply to a request in flight.
@@ -129,6 +181,18 @@ impl RateLimit {
     }
 }
 
+/// Where the reader's blocking receives come from: the socket, via the connection (which
+/// first sends the replies it corked, since the reader is about to wait for the client).
+trait Input {
+    fn recv_blocking(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl Input for Sock {
+    fn recv_blocking(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
+    }
+}
+
 /// Buffered reader over the socket. Only the thread holding the reader role uses it.
 struct ReadBuf {
     buf: Box<[u8]>,
@@ -150,7 +214,7 @@ impl ReadBuf {
     }
 
     /// Receive more into the buffer (blocking). `false` at end of stream.
-    fn fill(&mut self, sock: &Sock) -> io::Result<bool> {
+    fn fill(&mut self, src: &impl Input) -> io::Result<bool> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -159,7 +223,7 @@ impl ReadBuf {
             self.end -= self.start;
             self.start = 0;
         }
-        let n = sock.recv(&mut self.buf[self.end..])?;
+        let n = src.recv_blocking(&mut self.buf[self.end..])?;
         self.end += n;
         Ok(n > 0)
     }
@@ -173,7 +237,7 @@ impl ReadBuf {
     }
 
     /// The next request header; `None` at a clean end of stream (between requests).
-    fn read_header(&mut self, sock: &Sock) -> io::Result<Option<[u8; RequestHeader::LEN]>> {
+    fn read_header(&mut self, src: &impl Input) -> io::Result<Option<[u8; RequestHeader::LEN]>> {
         while self.buffered() < RequestHeader::LEN {
             if self.buf.len() - self.start < RequestHeader::LEN {
                 // Too close to the end for a whole header: move the partial one down.
@@ -181,7 +245,7 @@ impl ReadBuf {
                 self.end -= self.start;
                 self.start = 0;
             }
-            if !self.fill(sock)? {
+            if !self.fill(src)? {
                 return if self.buffered() == 0 { Ok(None) } else { Err(eof()) };
             }
         }
@@ -191,17 +255,17 @@ impl ReadBuf {
     }
 
     /// Fill `dst` from the buffer, then the socket.
-    fn read_exact(&mut self, sock: &Sock, dst: &mut [u8]) -> io::Result<()> {
+    fn read_exact(&mut self, src: &impl Input, dst: &mut [u8]) -> io::Result<()> {
         let mut done = self.take_into(dst);
         while done < dst.len() {
             if dst.len() - done >= DIRECT_RECV_MIN {
-                let n = sock.recv(&mut dst[done..])?;
+                let n = src.recv_blocking(&mut dst[done..])?;
                 if n == 0 {
                     return Err(eof());
                 }
                 done += n;
             } else {
-                if !self.fill(sock)? {
+                if !self.fill(src)? {
                     return Err(eof());
                 }
                 done += self.take_into(&mut dst[done..]);
@@ -211,7 +275,7 @@ impl ReadBuf {
     }
 
     /// Read and drop `n` bytes.
-    fn discard(&mut self, sock: &Sock, mut n: u64) -> io::Result<()> {
+    fn discard(&mut self, src: &impl Input, mut n: u64) -> io::Result<()> {
         loop {
             let k = (self.buffered() as u64).min(n);
             self.start += k as usize;
@@ -219,7 +283,7 @@ impl ReadBuf {
             if n == 0 {
                 return Ok(());
             }
-            if !self.fill(sock)? {
+            if !self.fill(src)? {
                 return Err(eof());
             }
         }
@@ -255,6 +319,7 @@ enum Next {
 
 /// One connection in transmission phase. Also the [`IoSink`] of its requests.
 pub(crate) struct Conn {
+    me: Weak<Conn>,
     params: ConnParams,
     sock: Arc<Sock>,
     device: Arc<MappedDevice>,
@@ -269,21 +334,24 @@ pub(crate) struct Conn {
     /// Set (under the reader lock) when no more requests are to be read.
     stopping: AtomicBool,
     close_reason: Mutex<&'static str>,
-    /// Serialises replies on the socket.
-    writer: Mutex<()>,
-    /// The socket cannot take replies any more: completions are dropped.
-    broken: AtomicBool,
+    replies: Replies,
+    cork: Mutex<Cork>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
     inflight: Mutex<Inflight>,
     changed: Condvar,
     slots: Box<[Slot]>,
     requests: AtomicU64,
+    /// Moving average of the time `MappedDevice::submit` takes (inline completion
+    /// included), in nanoseconds.
+    submit_ns: AtomicU64,
     warn_limit: RateLimit,
 }
 
 /// Serve the transmission phase on the calling thread until the connection ends.
 pub(crate) fn serve(sock: Arc<Sock>, neg: Negotiated, params: ConnParams, span: tracing::Span) {
     let Negotiated { device, open, structured, export } = neg;
-    let conn = Arc::new(Conn {
+    let conn = Arc::new_cyclic(|me| Conn {
+        me: me.clone(),
         sock,
         device,
         structured,
@@ -295,8 +363,9 @@ pub(crate) fn serve(sock: Arc<Sock>, neg: Negotiated, params: ConnParams, span: 
         threads: Mutex::new(Vec::new()),
         stopping: AtomicBool::new(false),
         close_reason: Mutex::new("end of stream"),
-        writer: Mutex::new(()),
-        broken: AtomicBool::new(false),
+        replies: Replies::new(),
+        cork: Mutex::new(Cork { replies: Vec::new(), done: Vec::new(), bytes: 0 }),
+        flusher: Mutex::new(None),
         inflight: Mutex::new(Inflight {
             free: (0..MAX_INFLIGHT as u32).rev().collect(),
             count: 0,
@@ -315,6 +384,7 @@ pub(crate) fn serve(sock: Arc<Sock>, neg: Negotiated, params: ConnParams, span: 
             })
             .collect(),
         requests: AtomicU64::new(0),
+        submit_ns: AtomicU64::new(0),
         warn_limit: RateLimit::new(),
         params,
     });
@@ -334,7 +404,15 @@ pub(crate) fn serve(sock: Arc<Sock>, neg: Negotiated, params: ConnParams, span: 
             conn.changed.wait(&mut st);
         }
     }
-    conn.broken.store(true, Ordering::SeqCst);
+    // Every reply holding a slot is out; let the flusher send what is left and exit.
+    conn.replies.close();
+    let flusher = conn.flusher.lock().take();
+    if let Some(f) = flusher {
+        if f.join().is_err() {
+            tracing::error!("the NBD reply flusher thread panicked");
+        }
+    }
+    conn.replies.broken.store(true, Ordering::SeqCst);
     conn.sock.shutdown(Shutdown::Both);
     tracing::info!(
         export = %export,
@@ -362,28 +440,43 @@ impl Conn {
             counted = false;
             let mut rd = self.reader.lock();
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            if self.stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            match self.next(&mut rd) {
-                Next::Again => {}
-                Next::Stop(reason) => {
-                    *self.close_reason.lock() = reason;
+            let cork = CorkGuard::new(self);
+            // Keep the reader role for as long as requests are served inline.
+            loop {
+                if self.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if self.params.server_stop.load(Ordering::SeqCst) {
+                    *self.close_reason.lock() = "server shutdown";
                     self.stopping.store(true, Ordering::SeqCst);
                     return;
                 }
-                Next::Submit(req) => {
-                    if rd.more_pending(&self.sock) {
-                        self.ensure_follower();
-                        drop(rd);
+                match self.next(&mut rd) {
+                    Next::Again => {}
+                    Next::Stop(reason) => {
+                        *self.close_reason.lock() = reason;
+                        self.stopping.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Next::Submit(req) => {
+                        if self.submits_are_slow() && rd.more_pending(&self.sock) {
+                            self.ensure_follower();
+                            drop(cork);
+                            drop(rd);
+                            self.submit(req);
+                            break;
+                        }
                         self.submit(req);
-                    } else {
-                        self.submit(req);
-                        drop(rd);
                     }
                 }
             }
         }
+    }
+
+    /// Whether recent submits took long enough that running the next request in
+    /// parallel (at the price of waking another thread) beats running it inline.
+    fn submits_are_slow(&self) -> bool {
+        self.submit_ns.load(Ordering::Relaxed) >= HANDOFF_MIN_SUBMIT_NS
     }
 
     /// Make sure someone will take the reader role: spawn a worker if none is waiting
@@ -416,7 +509,13 @@ impl Conn {
         let tag = req.tag as usize;
         let sink: Arc<dyn IoSink> = self.clone();
         let device = &self.device;
-        if catch_unwind(AssertUnwindSafe(|| device.submit(req, sink))).is_err() {
+        let t0 = Instant::now();
+        let res = catch_unwind(AssertUnwindSafe(|| device.submit(req, sink)));
+        // Moving average over ~8 submits; racy updates from several threads are fine.
+        let ns = t0.elapsed().as_nanos().min(u128::from(u32::MAX)) as u64;
+        let avg = self.submit_ns.load(Ordering::Relaxed);
+        self.submit_ns.store(avg - avg / 8 + ns / 8, Ordering::Relaxed);
+        if res.is_err() {
             // The request is gone with the panic: no reply is possible, and the
             // stream's request/reply pairing is broken. Close, and do not wait for it.
             tracing::error!("target panicked on a request; closing the connection");
@@ -432,17 +531,16 @@ impl Conn {
 
     /// Stop using the socket at once (protocol error, dead peer).
     fn abort(&self) {
-        self.broken.store(true, Ordering::SeqCst);
-        self.sock.shutdown(Shutdown::Both);
+        self.replies.break_stream(&self.sock);
     }
 
     /// Read and check the next request. Called with the reader lock held.
     fn next(&self, rd: &mut ReadBuf) -> Next {
-        let bytes = match rd.read_header(&self.sock) {
+        let bytes = match rd.read_header(self) {
             Ok(Some(b)) => b,
             Ok(None) => return Next::Stop("client closed the connection"),
             Err(e) => {
-                if !self.broken.load(Ordering::Relaxed) {
+                if !self.replies.broken.load(Ordering::Relaxed) {
                     tracing::debug!("reading a request: {e}");
                 }
                 return Next::Stop("client disconnected mid-request");
@@ -458,7 +556,6 @@ impl Conn {
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
         let RequestHeader { flags, command, cookie, offset, len } = hdr;
-        let is_read = command == Command::Read;
         let allowed = match command {
             Command::Read if self.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
             Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
@@ -473,7 +570,7 @@ impl Conn {
                     return self.refuse_write(rd, cookie, len, bad_flags);
                 }
                 let (slot, mut buf) = self.admit(cookie, offset, len);
-                if let Err(e) = rd.read_exact(&self.sock, &mut buf) {
+                if let Err(e) = rd.read_exact(self, &mut buf) {
                     tracing::debug!("reading a write payload: {e}");
                     self.slots[slot as usize].busy.store(false, Ordering::Release);
                     self.release(slot, buf);
@@ -488,13 +585,13 @@ impl Conn {
                 ));
             }
             _ if bad_flags => {
-                self.reply_error(cookie, is_read, nbd::EINVAL, Some(bad_flags_msg(command)));
+                self.send(self.error_reply(cookie, nbd::EINVAL, bad_flags_msg(command), None));
                 return Next::Again;
             }
             Command::Read => {
                 if len > self.params.max_request {
                     let err = if flags.df() { nbd::EOVERFLOW } else { nbd::EINVAL };
-                    self.reply_error(cookie, true, err, Some("read longer than the maximum"));
+                    self.send(self.error_reply(cookie, err, "read longer than the maximum", None));
                     return Next::Again;
                 }
                 Op::Read
@@ -503,7 +600,7 @@ impl Conn {
             Command::Trim => Op::Discard,
             Command::WriteZeroes => Op::WriteZeroes { may_trim: !flags.no_hole(), fua: flags.fua() },
             Command::Cache | Command::BlockStatus | Command::Other(_) => {
-                self.reply_error(cookie, false, nbd::EINVAL, Some("command not supported by this server"));
+                self.send(self.error_reply(cookie, nbd::EINVAL, "command not supported by this server", None));
                 return Next::Again;
             }
         };
@@ -522,7 +619,7 @@ impl Conn {
             self.abort();
             return Next::Stop("oversized write");
         }
-        if let Err(e) = rd.discard(&self.sock, u64::from(len)) {
+        if let Err(e) = rd.discard(self, u64::from(len)) {
             tracing::debug!("discarding a write payload: {e}");
             return Next::Stop("client disconnected mid-request");
         }
@@ -531,7 +628,7 @@ impl Conn {
         } else {
             (nbd::EOVERFLOW, "write longer than the maximum")
         };
-        self.reply_error(cookie, false, err, Some(msg));
+        self.send(self.error_reply(cookie, err, msg, None));
         Next::Again
     }
 
@@ -540,7 +637,14 @@ impl Conn {
         let cost = u64::from(data_len);
         let want = data_len as usize;
         let mut st = self.inflight.lock();
-        while st.free.is_empty() || (st.count > 0 && st.bytes + cost > MAX_INFLIGHT_BYTES) {
+        let full = |st: &Inflight| st.free.is_empty() || (st.count > 0 && st.bytes + cost > MAX_INFLIGHT_BYTES);
+        if full(&st) {
+            // Corked replies hold slots: send them before waiting for slots to free.
+            drop(st);
+            self.flush_cork();
+            st = self.inflight.lock();
+        }
+        while full(&st) {
             self.changed.wait(&mut st);
         }
         let slot = st.free.pop().expect("a free slot");
@@ -587,41 +691,99 @@ impl Conn {
         drop(spare);
     }
 
-    /// Write one reply. Failure means the client is gone: stop replying and reading.
-    fn send(&self, parts: &[&[u8]]) {
-        if self.broken.load(Ordering::Relaxed) {
-            return;
-        }
-        let _w = self.writer.lock();
-        if self.broken.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Err(e) = self.sock.send_all(parts) {
-            tracing::debug!("writing a reply: {e}; closing the connection");
-            self.abort();
-        }
-    }
-
-    /// Fail a request. Structured replies carry the message; simple ones cannot.
-    fn reply_error(&self, cookie: u64, is_read: bool, error: u32, msg: Option<&str>) {
-        if self.structured {
-            match msg {
-                Some(m) if !m.is_empty() => {
-                    let mut out = Vec::with_capacity(nbd::ERROR_CHUNK_LEN + m.len());
-                    nbd::encode_error_chunk(cookie, error, m, &mut out);
-                    self.send(&[&out]);
-                }
-                _ => self.send(&[&nbd::error_chunk(cookie, error)]),
+    /// Send (or queue) one reply; release its slot and buffer once it is out.
+    fn send(&self, r: Reply) {
+        if CORKING.with(|c| c.get()) == self.addr() {
+            let mut cork = self.cork.lock();
+            cork.bytes += r.len();
+            cork.replies.push(r);
+            let full = cork.replies.len() >= CORK_MAX_REPLIES || cork.bytes >= CORK_MAX_BYTES;
+            drop(cork);
+            if full {
+                self.flush_cork();
             }
-        } else {
-            // A simple reply to a failed read carries no data (allowed by the spec).
-            let _ = is_read;
-            self.send(&[&SimpleReplyHeader { error, cookie }.encode()]);
+            return;
+        }
+        match self.replies.send(&self.sock, r) {
+            Sent::Done(r) => self.finish(r),
+            Sent::Queued { start_flusher: false } => {}
+            Sent::Queued { start_flusher: true } => self.start_flusher(),
         }
     }
 
-    /// Reply to a completed request.
-    fn reply(&self, cookie: u64, offset: u64, want: u32, req: &Request, result: io::Result<()>) {
+    /// Send the corked replies.
+    fn flush_cork(&self) {
+        let mut cork = self.cork.lock();
+        if cork.replies.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut cork.replies);
+        let mut done = std::mem::take(&mut cork.done);
+        cork.bytes = 0;
+        drop(cork);
+        let start_flusher = self.replies.send_batch(&self.sock, &mut batch, &mut done);
+        for r in done.drain(..) {
+            self.finish(r);
+        }
+        let mut cork = self.cork.lock();
+        cork.replies = batch;
+        cork.done = done;
+        drop(cork);
+        if start_flusher {
+            self.start_flusher();
+        }
+    }
+
+    /// This connection's identity for [`CORKING`].
+    fn addr(&self) -> usize {
+        self as *const Conn as usize
+    }
+
+    fn finish(&self, r: Reply) {
+        if let Some(slot) = r.slot {
+            self.release(slot, r.buf);
+        }
+    }
+
+    fn start_flusher(&self) {
+        let Some(me) = self.me.upgrade() else { return };
+        let spawned = std::thread::Builder::new().name(format!("nbd-c{}-flush", self.params.id)).spawn(move || {
+            let _e = me.span.enter();
+            me.replies.flush(&me.sock, |r| me.finish(r));
+        });
+        match spawned {
+            Ok(h) => *self.flusher.lock() = Some(h),
+            Err(e) => {
+                // Without a flusher the backlog would never drain: give up on the client.
+                tracing::warn!("cannot spawn the NBD reply flusher: {e}; closing the connection");
+                self.abort();
+                for r in self.replies.take_backlog() {
+                    self.finish(r);
+                }
+            }
+        }
+    }
+
+    /// A failed request's reply. Structured replies carry the message; simple ones cannot
+    /// (and a failed simple read carries no data, as the spec allows).
+    fn error_reply(&self, cookie: u64, error: u32, msg: &str, slot: Option<u32>) -> Reply {
+        if !self.structured {
+            return Reply::new(&SimpleReplyHeader { error, cookie }.encode(), slot);
+        }
+        if msg.is_empty() {
+            return Reply::new(&nbd::error_chunk(cookie, error), slot);
+        }
+        let mut chunk = Vec::with_capacity(nbd::ERROR_CHUNK_LEN + msg.len());
+        nbd::encode_error_chunk(cookie, error, msg, &mut chunk);
+        Reply::new(&[], slot).with_msg(chunk)
+    }
+
+    /// The reply to a completed request (which keeps its slot until the reply is out).
+    fn reply(&self, slot: u32, req: Request, result: io::Result<()>) -> Reply {
+        let s = &self.slots[slot as usize];
+        let cookie = s.cookie.load(Ordering::Relaxed);
+        let offset = s.offset.load(Ordering::Relaxed);
+        let want = s.len.load(Ordering::Relaxed);
         let is_read = req.op == Op::Read;
         let result = match result {
             Ok(()) if is_read && req.buf.len() != want as usize => {
@@ -631,25 +793,16 @@ impl Conn {
             Err(e) if req.op == Op::Discard && nbd_error(&e) == nbd::ENOTSUP => Ok(()),
             r => r,
         };
+        let slot = Some(slot);
         match result {
-            Ok(()) if is_read && self.structured => {
-                if req.buf.is_empty() {
-                    self.send(&[&nbd::none_chunk(cookie)]);
-                } else {
-                    match nbd::offset_data_prefix(cookie, offset, want, true) {
-                        Ok(prefix) => self.send(&[&prefix, &req.buf]),
-                        Err(e) => self.reply_error(cookie, true, nbd::EOVERFLOW, Some(&e.to_string())),
-                    }
+            Ok(()) if is_read && self.structured && !req.buf.is_empty() => {
+                match nbd::offset_data_prefix(cookie, offset, want, true) {
+                    Ok(prefix) => Reply::new(&prefix, slot).with_buf(req.buf, true),
+                    Err(e) => self.error_reply(cookie, nbd::EOVERFLOW, &e.to_string(), slot).with_buf(req.buf, false),
                 }
             }
-            Ok(()) => {
-                let h = SimpleReplyHeader { error: 0, cookie }.encode();
-                if is_read {
-                    self.send(&[&h, &req.buf]);
-                } else {
-                    self.send(&[&h]);
-                }
-            }
+            Ok(()) if is_read && self.structured => Reply::new(&nbd::none_chunk(cookie), slot),
+            Ok(()) => Reply::new(&SimpleReplyHeader { error: 0, cookie }.encode(), slot).with_buf(req.buf, is_read),
             Err(e) => {
                 let error = nbd_error(&e);
                 if let Some(suppressed) = self.warn_limit.check(self.now_ms()) {
@@ -659,27 +812,31 @@ impl Conn {
                         tracing::warn!(op = ?req.op, offset, suppressed, "request failed: {e}");
                     }
                 }
-                self.reply_error(cookie, is_read, error, Some(&e.to_string()));
+                self.error_reply(cookie, error, &e.to_string(), slot).with_buf(req.buf, false)
             }
         }
     }
 }
 
+impl Input for Conn {
+    fn recv_blocking(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.flush_cork();
+        self.sock.recv(buf)
+    }
+}
+
 impl IoSink for Conn {
     fn complete(&self, req: Request, result: io::Result<()>) {
-        let Some(slot) = usize::try_from(req.tag).ok().and_then(|i| self.slots.get(i)) else {
+        let Some(slot) = usize::try_from(req.tag).ok().filter(|&i| i < self.slots.len()) else {
             tracing::error!(tag = req.tag, "completion with an unknown tag dropped");
             return;
         };
-        if !slot.busy.swap(false, Ordering::AcqRel) {
+        if !self.slots[slot].busy.swap(false, Ordering::AcqRel) {
             tracing::error!(tag = req.tag, "request completed twice; dropped");
             return;
         }
-        let cookie = slot.cookie.load(Ordering::Relaxed);
-        let offset = slot.offset.load(Ordering::Relaxed);
-        let want = slot.len.load(Ordering::Relaxed);
-        self.reply(cookie, offset, want, &req, result);
-        self.release(req.tag as u32, req.buf);
+        let r = self.reply(slot as u32, req, result);
+        self.send(r);
     }
 }
 

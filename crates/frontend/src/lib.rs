@@ -14,6 +14,7 @@
 
 mod conn;
 mod handshake;
+mod reply;
 mod sock;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dmrep_core::DeviceRegistry;
 use parking_lot::Mutex;
@@ -64,6 +65,9 @@ const MAX_REQUEST_MAX: u32 = 1 << 30;
 /// Pause after `accept` fails for lack of resources (file descriptors, memory), so the
 /// accept loop does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long `shutdown` lets a connection finish its requests in flight before cutting
+/// the socket (a client that does not read its replies would otherwise hold it forever).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// A listening socket, kept so that `shutdown` can wake its accept thread.
 enum Listener {
@@ -87,7 +91,7 @@ struct ConnEntry {
 pub struct NbdServer {
     devices: Arc<DeviceRegistry>,
     cfg: NbdConfig,
-    shutting_down: AtomicBool,
+    shutting_down: Arc<AtomicBool>,
     listeners: Mutex<Vec<Listener>>,
     accept_threads: Mutex<Vec<JoinHandle<()>>>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
@@ -103,7 +107,7 @@ impl NbdServer {
         Arc::new(NbdServer {
             devices,
             cfg,
-            shutting_down: AtomicBool::new(false),
+            shutting_down: Arc::new(AtomicBool::new(false)),
             listeners: Mutex::new(Vec::new()),
             accept_threads: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
@@ -183,6 +187,7 @@ impl NbdServer {
                 }
             }
         }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
         loop {
             let entries: Vec<ConnEntry> = self.conns.lock().drain().map(|(_, e)| e).collect();
             if entries.is_empty() {
@@ -193,9 +198,15 @@ impl NbdServer {
                 e.sock.shutdown(Shutdown::Read);
             }
             for e in entries {
-                if let Some(t) = e.thread {
-                    let _ = t.join();
+                let Some(t) = e.thread else { continue };
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
+                if !t.is_finished() {
+                    tracing::warn!("an NBD connection did not finish in time; cutting it");
+                    e.sock.shutdown(Shutdown::Both);
+                }
+                let _ = t.join();
             }
         }
         tracing::info!("NBD server stopped");
@@ -288,8 +299,12 @@ impl NbdServer {
                     structured = neg.structured,
                     "NBD client entered transmission"
                 );
-                let params =
-                    ConnParams { id, max_request: self.cfg.max_request_bytes, workers: self.cfg.workers_per_conn };
+                let params = ConnParams {
+                    id,
+                    max_request: self.cfg.max_request_bytes,
+                    workers: self.cfg.workers_per_conn,
+                    server_stop: self.shutting_down.clone(),
+                };
                 conn::serve(sock.clone(), neg, params, span.clone());
             }
             Ok(None) => tracing::debug!("NBD client aborted the negotiation"),

@@ -73,53 +73,61 @@ impl Sock {
         Ok(())
     }
 
-    /// Send all of `parts`, in order, with as few `sendmsg` calls as the kernel allows
-    /// (one, unless the socket buffer is full).
-    pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
-        const MAX_PARTS: usize = 4;
-        debug_assert!(parts.len() <= MAX_PARTS);
-        let mut rest: [&[u8]; MAX_PARTS] = [&[]; MAX_PARTS];
-        let mut count = 0;
+    /// One `sendmsg` of the non-empty `parts` (at most [`MAX_PARTS`]), retried on EINTR.
+    fn sendmsg(&self, parts: &[&[u8]], flags: SendFlags) -> Result<usize, Errno> {
+        let mut iov: [IoSlice<'_>; MAX_PARTS] = [IoSlice::new(&[]); MAX_PARTS];
+        let mut n = 0;
         for p in parts.iter().filter(|p| !p.is_empty()).take(MAX_PARTS) {
-            rest[count] = p;
-            count += 1;
+            iov[n] = IoSlice::new(p);
+            n += 1;
         }
-        let mut first = 0;
-        while first < count {
-            let iov: [IoSlice<'_>; MAX_PARTS] =
-                std::array::from_fn(
-                    |i| {
-                        if first + i < count {
-                            IoSlice::new(rest[first + i])
-                        } else {
-                            IoSlice::new(&[])
-                        }
-                    },
-                );
-            let n = match rustix::net::sendmsg(
-                self,
-                &iov[..count - first],
-                &mut SendAncillaryBuffer::default(),
-                SendFlags::NOSIGNAL,
-            ) {
-                Ok(n) => n,
+        self.sendmsg_iov(&iov[..n], flags)
+    }
+
+    fn sendmsg_iov(&self, iov: &[IoSlice<'_>], flags: SendFlags) -> Result<usize, Errno> {
+        loop {
+            match rustix::net::sendmsg(self, iov, &mut SendAncillaryBuffer::default(), flags | SendFlags::NOSIGNAL) {
                 Err(Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if n == 0 {
+                r => return r,
+            }
+        }
+    }
+
+    /// Like [`Self::send_nowait`], for a prepared gather list.
+    pub(crate) fn send_nowait_iov(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.sendmsg_iov(iov, SendFlags::DONTWAIT) {
+            Ok(n) => Ok(n),
+            Err(Errno::AGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Send as much of `parts` as the socket takes without waiting; returns the byte
+    /// count (0 when the socket buffer is full).
+    pub(crate) fn send_nowait(&self, parts: &[&[u8]]) -> io::Result<usize> {
+        match self.sendmsg(parts, SendFlags::DONTWAIT) {
+            Ok(n) => Ok(n),
+            Err(Errno::AGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Send all of `parts`, in order, waiting as needed.
+    pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut rest: [&[u8]; MAX_PARTS] = [&[]; MAX_PARTS];
+        let count = parts.len().min(MAX_PARTS);
+        rest[..count].copy_from_slice(&parts[..count]);
+        let mut skip = 0;
+        loop {
+            advance(&mut rest[..count], skip);
+            if rest.iter().all(|p| p.is_empty()) {
+                return Ok(());
+            }
+            skip = self.sendmsg(&rest[..count], SendFlags::empty())?;
+            if skip == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            // Advance past what was sent.
-            let mut n = n;
-            while first < count && n >= rest[first].len() {
-                n -= rest[first].len();
-                first += 1;
-            }
-            if first < count {
-                rest[first] = &rest[first][n..];
-            }
         }
-        Ok(())
     }
 
     /// `shutdown(2)`: wakes any thread blocked in `recv` on this socket. Errors (the
@@ -131,6 +139,18 @@ impl Sock {
             Shutdown::Both => rustix::net::Shutdown::Both,
         };
         let _ = rustix::net::shutdown(self, how);
+    }
+}
+
+/// Most parts one vectored send takes: a reply is a header, a message, and data.
+pub(crate) const MAX_PARTS: usize = 4;
+
+/// Drop the first `n` bytes of the concatenation of `parts`.
+pub(crate) fn advance(parts: &mut [&[u8]], mut n: usize) {
+    for p in parts.iter_mut() {
+        let k = n.min(p.len());
+        *p = &p[k..];
+        n -= k;
     }
 }
 
@@ -156,6 +176,16 @@ mod tests {
         assert_eq!(&got[..3], &hdr);
         assert!(got[3..3 + (4 << 20)].iter().all(|&x| x == 7));
         assert_eq!(&got[got.len() - 2..], &[9, 9]);
+    }
+
+    #[test]
+    fn advance_across_parts() {
+        let (a, b, c) = ([1u8, 2, 3], [4u8], [5u8, 6]);
+        let mut p: [&[u8]; 3] = [&a, &b, &c];
+        advance(&mut p, 4);
+        assert_eq!(p, [&[][..], &[][..], &[5u8, 6][..]]);
+        advance(&mut p, 1);
+        assert_eq!(p[2], &[6]);
     }
 
     #[test]

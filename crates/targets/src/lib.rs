@@ -20,7 +20,7 @@ pub fn registry() -> TargetRegistry {
     r.register("striped", striped::construct);
     r.register("zero", zero::construct);
     r.register("error", error::construct);
-    // PARKED: r.register("replicator", replicator::target::construct);
-    // PARKED: r.register("replicator-dev", replicator::target::construct_dev);
+    r.register("replicator", replicator::target::construct);
+    r.register("replicator-dev", replicator::target::construct_dev);
     r
 }

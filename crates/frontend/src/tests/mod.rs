@@ -26,6 +26,8 @@ pub(crate) enum Mode {
     Sync,
     /// On a separate thread, in shuffled order, after small random delays.
     Delayed,
+    /// Reads too complete on the delaying thread.
+    DelayedAll,
 }
 
 #[derive(Default)]
@@ -84,19 +86,25 @@ impl MemInner {
 pub(crate) struct MemTarget {
     inner: Arc<MemInner>,
     delayer: Mutex<Option<Sender<(u64, Request, Completion)>>>,
+    delay_reads: bool,
     seq: AtomicU64,
 }
 
 impl MemTarget {
     pub(crate) fn new(size: usize, mode: Mode) -> Arc<Self> {
         let inner = Arc::new(MemInner { data: Mutex::new(vec![0u8; size]), counters: Counters::default() });
-        let delayer = (mode == Mode::Delayed).then(|| {
+        let delayer = (mode != Mode::Sync).then(|| {
             let (tx, rx) = crossbeam_channel::unbounded();
             let i = inner.clone();
             std::thread::spawn(move || delay_thread(i, rx));
             tx
         });
-        Arc::new(MemTarget { inner, delayer: Mutex::new(delayer), seq: AtomicU64::new(0) })
+        Arc::new(MemTarget {
+            inner,
+            delayer: Mutex::new(delayer),
+            delay_reads: mode == Mode::DelayedAll,
+            seq: AtomicU64::new(0),
+        })
     }
 
     pub(crate) fn counters(&self) -> &Counters {
@@ -128,7 +136,7 @@ fn delay_thread(inner: Arc<MemInner>, rx: Receiver<(u64, Request, Completion)>) 
         for (seq, mut req, done) in batch {
             // Simulated device latency (this is the target, not a test waiting).
             std::thread::sleep(Duration::from_micros(next() % 300));
-            if seq < max_done {
+            if seq < max_done && matches!(req.op, Op::Write { .. }) {
                 inner.counters.out_of_order.fetch_add(1, Ordering::Relaxed);
             }
             max_done = max_done.max(seq);
@@ -144,7 +152,7 @@ impl Target for MemTarget {
     }
 
     fn submit(&self, mut req: Request, done: Completion) {
-        if matches!(req.op, Op::Write { .. }) {
+        if matches!(req.op, Op::Write { .. }) || (self.delay_reads && req.op == Op::Read) {
             if let Some(tx) = self.delayer.lock().as_ref() {
                 let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Err(e) = tx.send((seq, req, done)) {
@@ -297,4 +305,21 @@ fn listen_unix_replaces_stale_socket_but_not_live_one_or_file() {
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     a.shutdown();
     b.shutdown();
+}
+
+/// Not a test: serves a 1 GiB memory device named `mem` on `$DMREP_BENCH_SOCKET` for
+/// `$DMREP_BENCH_SECS` seconds, for side-by-side runs of fio against nbdkit:
+/// `cargo test --release -p dmrep-frontend -- --ignored serve_for_benchmark --nocapture`.
+#[test]
+#[ignore]
+fn serve_for_benchmark() {
+    let path = PathBuf::from(std::env::var("DMREP_BENCH_SOCKET").unwrap_or_else(|_| "/tmp/dmrep-bench.sock".into()));
+    let secs: u64 = std::env::var("DMREP_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let registry = Arc::new(DeviceRegistry::new());
+    let server = NbdServer::new(registry.clone(), NbdConfig::default());
+    server.listen_unix(&path).unwrap();
+    let f = Fixture { _dir: tempfile::tempdir().unwrap(), path, registry, server };
+    f.add_device("mem", &[1 << 30], Mode::Sync);
+    eprintln!("serving {} for {secs} s", f.uri("mem"));
+    std::thread::sleep(Duration::from_secs(secs));
 }

@@ -556,3 +556,40 @@ fn cross_segment_requests() {
     let (_, ch) = c.chunk().unwrap();
     assert_eq!(ch, ReplyChunk::OffsetData { offset: (64 << 10) - 4096, data });
 }
+
+#[test]
+fn a_client_that_does_not_read_replies_does_not_stall_the_target() {
+    let f = Fixture::new();
+    // Reads and writes complete on the target's own thread, shared by both clients.
+    let (dev, _) = f.add_device("d0", &[8 << 20], Mode::DelayedAll);
+    let mut slow = Client::connect(&f.path);
+    slow.go("d0", true);
+    const N: u64 = 64;
+    const LEN: u32 = 256 << 10;
+    for i in 0..N {
+        slow.request(Command::Read, 0, i, (i % 32) * u64::from(LEN), LEN);
+    }
+    // Far more reply data than the socket buffers hold; the slow client reads none yet.
+    let mut fast = Client::connect(&f.path);
+    fast.go("d0", false);
+    for i in 0..50u64 {
+        fast.write(0, i, i * 4096, &[i as u8; 4096]);
+        assert_eq!(fast.simple(0), (0, i, Vec::new()));
+        fast.request(Command::Read, 0, i, i * 4096, 4096);
+        assert_eq!(fast.simple(4096), (0, i, vec![i as u8; 4096]));
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..N {
+        match slow.chunk() {
+            Ok((h, ReplyChunk::OffsetData { data, .. })) => {
+                assert_eq!(data.len(), LEN as usize);
+                assert!(seen.insert(h.cookie));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(slow);
+    drop(fast);
+    f.wait_idle();
+    assert_eq!(dev.open_count(), 0);
+}

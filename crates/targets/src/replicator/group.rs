@@ -158,8 +158,6 @@ pub(crate) struct Inner {
     st: Mutex<State>,
     appender_cv: Condvar,
     copier_cv: Condvar,
-    /// Size of every device of the group, bytes.
-    pub dev_bytes: u64,
     pub recovery: Option<RecoveryReport>,
 }
 
@@ -182,7 +180,6 @@ impl Group {
         log_path: String,
         recovery: Option<RecoveryReport>,
         slinks: Vec<SlinkSetup>,
-        dev_bytes: u64,
     ) -> io::Result<Arc<Group>> {
         let now = Instant::now();
         let mut rts = BTreeMap::new();
@@ -251,7 +248,6 @@ impl Group {
             }),
             appender_cv: Condvar::new(),
             copier_cv: Condvar::new(),
-            dev_bytes,
             recovery,
         });
         let mut threads = Vec::new();

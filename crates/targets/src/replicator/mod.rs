@@ -9,9 +9,8 @@
 //! - [`target`]: the `replicator` (control) and `replicator-dev` targets.
 
 pub mod fallbehind;
-// PARKED until the log API lands:
-// pub mod group;
+pub mod group;
 pub mod log;
-// pub mod overlay;
-// pub mod slink;
-// pub mod target;
+pub mod overlay;
+pub mod slink;
+pub mod target;

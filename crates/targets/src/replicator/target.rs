@@ -177,7 +177,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             thresholds: thresholds_of(&s.fallbehind),
         });
     }
-    let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups, dev_bytes)
+    let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups)
         .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?;
     let handle = Arc::new(GroupHandle { group: Mutex::new(Some(group.clone())), declared });
     ctx.devices.publish(ctx.device_name, handle.clone());

@@ -166,7 +166,8 @@ pub fn inspect(backend: &dyn BlockBackend, start: u64) -> Result<LogDump, LogErr
         ring_pos: r.pos,
         committed,
     };
-    dump.records = walk.committed.iter().map(|r| rec(r, true)).chain(walk.dropped.iter().map(|r| rec(r, false))).collect();
+    dump.records =
+        walk.committed.iter().map(|r| rec(r, true)).chain(walk.dropped.iter().map(|r| rec(r, false))).collect();
     dump.entries = walk.entries().count() as u64;
     dump.next_seq = Some(walk.next_seq);
     dump.used_bytes = walk.bytes;

@@ -3,8 +3,8 @@
 //!
 //! The on-disk layout (superblocks, entry headers) is documented on the types that encode
 //! it, in [`dmrep_formats::replog`]. This module places entries in the ring
-//! ([`space`]), appends and frees them ([`ring`]), recovers the log on open
-//! ([`recovery`]) and dumps it offline ([`inspect`]).
+//! (`space.rs`), appends and frees them (`ring.rs`), recovers the log on open
+//! (`recovery.rs`) and dumps it offline (`inspect.rs`).
 //!
 //! # Life of an entry
 //! 1. [`RingLog::append`] writes one batch (one *epoch*, one group commit): headers and
@@ -34,6 +34,21 @@
 //! written and synced: `set_cursors`, `register_slink`, `unregister_slink`, and an append
 //! that needs to free space), `meta` (the in-memory state, never held during I/O).
 //! `read_data`, `entries_from`, `cursor` and `stats` only take `meta`, briefly.
+//!
+//! # For callers
+//! - Cursors are durable promises: call `set_cursors` only after the SLINK's copy of those
+//!   entries is durable. After a crash a copier resumes after its durable cursor, so
+//!   entries past it that it had applied are applied again.
+//! - `entries_from(cursor + 1, ..)` may start beyond `cursor + 1`: entries that do not
+//!   name a SLINK can be freed before its cursor passes them.
+//! - Each `set_cursors`, `register_slink` and `unregister_slink` costs one superblock
+//!   write and sync: batch cursor updates (one per applied epoch, say).
+//! - `register_slink` on a registered SLINK keeps its cursor, so registering every SLINK
+//!   of the table after each open is safe. A new SLINK needs nothing already logged.
+//! - `Full` writes no entry (at most a superblock that frees space); `append` retried
+//!   later may succeed. An entry never spans the ring end, so a nearly empty log can
+//!   still refuse a large batch until its head reaches the ring start (an empty log
+//!   moves it there by itself).
 
 mod inspect;
 mod recovery;
@@ -221,7 +236,9 @@ pub enum LogError {
     CursorBackwards { slink: u16, seq: u64, current: u64 },
     #[error("entry seq {seq} is no longer in the log (head is at seq {head_seq})")]
     NotLive { seq: u64, head_seq: u64 },
-    #[error("entry seq {seq} at ring offset {pos}: data crc mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "entry seq {seq} at ring offset {pos}: data crc mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     DataCrc { seq: u64, pos: u64, stored: u32, computed: u32 },
     #[error("read_data of entry seq {seq}: buffer of {got} bytes, the entry holds {want}")]
     BufferSize { seq: u64, got: usize, want: usize },

@@ -13,8 +13,8 @@
 
 use dmrep_core::BlockBackend;
 use dmrep_formats::replog::{
-    EntryHeader, HeaderError, RecordKind, Superblock, SuperblockError, ENTRY_HEADER_SIZE, FORMAT_VERSION,
-    RECORD_ALIGN, REGION_ALIGN, RING_OFFSET, SB_SLOT_SIZE,
+    EntryHeader, HeaderError, RecordKind, Superblock, SuperblockError, ENTRY_HEADER_SIZE, FORMAT_VERSION, RECORD_ALIGN,
+    REGION_ALIGN, RING_OFFSET, SB_SLOT_SIZE,
 };
 
 use super::LogError;
@@ -70,7 +70,8 @@ pub(crate) fn choose(
         .filter_map(|(i, s)| s.as_ref().ok().map(|sb| (i, sb)))
         .max_by_key(|(_, sb)| sb.generation);
     let Some((i, sb)) = best else {
-        let err = |s: &Result<Superblock, SuperblockError>| s.as_ref().err().cloned().unwrap_or(SuperblockError::NoMagic);
+        let err =
+            |s: &Result<Superblock, SuperblockError>| s.as_ref().err().cloned().unwrap_or(SuperblockError::NoMagic);
         return Err(LogError::NoSuperblock {
             device: backend.describe(),
             start,
@@ -180,7 +181,9 @@ impl<'a> RingReader<'a> {
             let want = (len.max(WALK_WINDOW) as u64).min(self.ring_len - pos) as usize;
             self.buf.resize(want, 0);
             let at = self.base + pos;
-            self.backend.read_at(&mut self.buf[..want], at).map_err(|e| io_err("reading the log ring", self.backend, at, e))?;
+            self.backend
+                .read_at(&mut self.buf[..want], at)
+                .map_err(|e| io_err("reading the log ring", self.backend, at, e))?;
             self.win_pos = pos;
             self.win_len = want;
         }

@@ -150,8 +150,8 @@ impl Meta {
                 let a = (from + 1).max(first);
                 for e in self.entries.iter().skip((a - first) as usize).take_while(|e| e.seq <= to) {
                     if e.slinks.contains(s) {
-                        p.0 -= 1;
-                        p.1 -= e.len as u64;
+                        p.0 = p.0.saturating_sub(1);
+                        p.1 = p.1.saturating_sub(e.len as u64);
                     }
                 }
             }
@@ -372,8 +372,9 @@ impl RingLog {
     /// after freeing what the cursors allow (wait for the SLINKs, or take one out of
     /// ordered mode); [`LogError::TooLarge`] / [`LogError::BatchTooLarge`] when it never
     /// will; [`LogError::BadEntry`] for inconsistent entries; I/O errors. After an I/O
-    /// error the batch may survive a crash that follows before the next successful
-    /// append or superblock write, but never after one.
+    /// error the batch's first record is overwritten with zeros (not synced): the batch
+    /// may still survive a crash that comes before the next successful sync (an append,
+    /// a superblock write, [`RingLog::sync`]), never one after it. Its seqs are reused.
     pub fn append(&self, batch: &[NewEntry<'_>]) -> Result<Vec<EntryMeta>, LogError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -697,10 +698,7 @@ impl RingLog {
     /// the head is advanced past what they make done; if anything changed, the superblock
     /// is written and synced, and only then the new state installed (so freed space is
     /// reused only once the head that freed it is durable).
-    fn commit_cursors(
-        &self,
-        plan: impl FnOnce(&Meta) -> Result<BTreeMap<u16, u64>, LogError>,
-    ) -> Result<(), LogError> {
+    fn commit_cursors(&self, plan: impl FnOnce(&Meta) -> Result<BTreeMap<u16, u64>, LogError>) -> Result<(), LogError> {
         let mut w = self.sb.lock();
         let (cursors, head, next_epoch) = {
             let m = self.meta.lock();

@@ -1,0 +1,200 @@
+//! Device lifecycle with clients attached: remove refused while open and forced,
+//! load + resume swapping tables, suspend holding (not failing) writes, and
+//! suspend/resume cycles under a verifying fio workload.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn remove_refused_while_open_and_forced_remove_fails_further_requests() {
+    require!("nbdsh");
+    let d = Daemon::start();
+    let a = d.make_file_s("a.img", 4 * MIB);
+    d.create("busy", &format!("0 4096 linear {a} 0"));
+
+    // A client holding the export open, which reads again after we tell it to.
+    let client = HoldingClient::start(
+        &d.uri("busy"),
+        "h.pread(4096, 0)",
+        "print('AFTER', 'OK' if h.pread(4096, 0) == bytes(4096) else 'BAD')",
+    );
+    assert!(wait_until(Duration::from_secs(10), || d.open_count("busy") == 1), "open count with one client");
+    let e = d.cli_err(&["remove", "busy"]);
+    assert!(e.contains("busy") && e.contains("open"), "error should say the device is open: {e}");
+    assert_eq!(d.names(), ["busy"], "refused remove leaves the device");
+    // The client was not disturbed.
+    let (st, out) = client.finish();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("AFTER OK"), "{out}");
+    assert!(wait_until(Duration::from_secs(10), || d.open_count("busy") == 0), "open count back to 0");
+    // Now not open: plain remove works.
+    d.cli_ok(&["remove", "busy"]);
+    assert!(d.names().is_empty());
+
+    // --force while a client is connected: the device goes, the client's next request fails.
+    d.create("busy2", &format!("0 4096 linear {a} 0"));
+    let client = HoldingClient::start(
+        &d.uri("busy2"),
+        "h.pread(512, 0)",
+        r#"
+try:
+    h.pread(4096, 0)
+    print("AFTER OK")
+except nbd.Error as e:
+    print("AFTER ERR", e)
+"#,
+    );
+    assert!(wait_until(Duration::from_secs(10), || d.open_count("busy2") == 1));
+    d.cli_ok(&["remove", "--force", "busy2"]);
+    assert!(d.names().is_empty(), "forced remove removes");
+    let (_, out) = client.finish();
+    assert!(out.contains("AFTER ERR"), "a request after forced removal must fail: {out}");
+    // The daemon serves on: a new device with the same name works.
+    d.create("busy2", "0 2048 zero");
+    if have("qemu-io") {
+        qemu_io_ok(&d.uri("busy2"), &["read -P 0 0 64k"]);
+    }
+}
+
+#[test]
+fn load_and_resume_swap_tables() {
+    require!("qemu-io");
+    let d = Daemon::start();
+    let a = d.make_file("a.img", 4 * MIB);
+    let b = d.path("b.img");
+    fill_file(&b, 0xbb, 8 * MIB as usize);
+    d.create("sw", &format!("0 8192 linear {} 0", a.display()));
+    let uri = d.uri("sw");
+    qemu_io_ok(&uri, &["write -P 0xaa 0 4M"]);
+
+    // Load: inactive until resume; I/O still sees the old table.
+    let new_table = format!("0 16384 linear {} 0", b.display());
+    d.cli_ok(&["load", "sw", "--table", &new_table]);
+    let i = d.info("sw");
+    assert_eq!(i["live_table"], true);
+    assert_eq!(i["inactive_table"], true);
+    assert_eq!(i["size_sectors"], 8192);
+    assert_eq!(d.cli_ok(&["table", "sw", "--inactive"]).trim(), new_table);
+    qemu_io_ok(&uri, &["read -P 0xaa 0 4M"]);
+
+    d.cli_ok(&["resume", "sw"]);
+    let i = d.info("sw");
+    assert_eq!(i["inactive_table"], false);
+    assert_eq!(i["size_sectors"], 16384, "the new table's size");
+    assert_eq!(d.cli_ok(&["table", "sw"]).trim(), new_table);
+    qemu_io_ok(&uri, &["read -P 0xbb 0 8M", "write -P 0xcc 1M 4k"]);
+    assert_eq!(read_at(&b, MIB, 4096), vec![0xcc; 4096], "writes go to the new table's file");
+    assert_eq!(read_at(&a, MIB, 4096), vec![0xaa; 4096], "the old file is left alone");
+
+    // Suspend, load, resume: the same swap the dmsetup way.
+    d.cli_ok(&["suspend", "sw"]);
+    d.cli_ok(&["load", "sw", "--table", &format!("0 8192 linear {} 0", a.display())]);
+    d.cli_ok(&["resume", "sw"]);
+    assert_eq!(d.info("sw")["state"], "active");
+    qemu_io_ok(&uri, &["read -P 0xaa 0 4M"]);
+}
+
+#[test]
+fn write_while_suspended_waits_for_resume() {
+    require!("qemu-io");
+    let d = Daemon::start();
+    let a = d.make_file("a.img", 4 * MIB);
+    d.create("sus", &format!("0 8192 linear {} 0", a.display()));
+    let uri = d.uri("sus");
+
+    d.cli_ok(&["suspend", "sus"]);
+    assert_eq!(d.info("sus")["state"], "suspended");
+    assert!(d.cli_ok(&["info", "sus"]).contains("SUSPENDED"));
+    let child = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 64k 64k", &uri])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    // The write is held: the client neither finishes nor fails, the file is untouched.
+    assert!(wait_until(Duration::from_secs(10), || d.open_count("sus") == 1), "client connected while suspended");
+    let held = child.wait_timeout(Duration::from_millis(1500));
+    assert!(held.is_none(), "a write to a suspended device must wait, but the client exited with {held:?}");
+    assert_eq!(read_at(&a, 64 * 1024, 65536), vec![0; 65536], "nothing written while suspended");
+    // Read-only requests still answer while suspended.
+    d.cli_ok(&["status", "sus"]);
+
+    let resumed_at = Instant::now();
+    d.cli_ok(&["resume", "sus"]);
+    let st = child.wait_timeout(Duration::from_secs(30)).expect("the held write completes after resume");
+    let mut out = String::new();
+    use std::io::Read;
+    child.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(st.success(), "the held write must succeed: {st} {out}");
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    assert!(resumed_at.elapsed() < Duration::from_secs(30));
+    assert_eq!(read_at(&a, 64 * 1024, 65536), vec![0x77; 65536]);
+    qemu_io_ok(&uri, &["read -P 0x77 64k 64k"]);
+}
+
+#[test]
+fn suspend_resume_cycles_under_fio_verify() {
+    require!("fio");
+    let d = Daemon::start();
+    let a = d.make_file_s("a.img", 32 * MIB);
+    let b = d.make_file_s("b.img", 32 * MIB);
+    d.create("cyc", &format!("0 65536 striped 2 64 {a} 0 {b} 0"));
+    let out_file = d.path("fio.json");
+    let child = Command::new("fio")
+        .args([
+            "--name=cycles",
+            "--ioengine=nbd",
+            &format!("--uri={}", d.uri("cyc")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=24M",
+            "--iodepth=16",
+            // Slow enough that the cycles below overlap the writes.
+            "--rate_iops=3000",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--output={}", out_file.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut fio = KillOnDrop(child);
+    assert!(wait_until(Duration::from_secs(20), || d.open_count("cyc") >= 1), "fio connected");
+    let mut cycles = 0;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = fio.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "fio did not finish within 60 s");
+        d.cli_ok(&["suspend", "cyc"]);
+        assert_eq!(d.info("cyc")["state"], "suspended");
+        d.cli_ok(&["resume", "cyc"]);
+        cycles += 1;
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    fio.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let out = std::fs::read_to_string(&out_file).unwrap_or_default();
+    assert!(status.success(), "fio failed under suspend/resume ({cycles} cycles): {status}\n{err}\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').expect("fio JSON")..]).unwrap();
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert_eq!(job["write"]["io_bytes"], 24 * MIB);
+    assert_eq!(job["read"]["io_bytes"], 24 * MIB, "verify read everything back");
+    eprintln!("{cycles} suspend/resume cycles while fio ran");
+    assert!(cycles >= 10, "only {cycles} suspend/resume cycles overlapped fio");
+    assert_eq!(d.info("cyc")["state"], "active");
+}
