@@ -48,7 +48,7 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Command::Ls { json } => (Request::List, json),
         Command::Message { name, sector, message } => (Request::Message { name, sector, args: message }, false),
         Command::Version { json } => (Request::Version, json),
-        Command::Daemon(_) | Command::Demo(_) => unreachable!("handled in main"),
+        Command::Daemon(_) | Command::Demo(_) | Command::Log(_) => unreachable!("handled in main"),
     };
     let is_list = matches!(request, Request::List);
     let path = dmrep_control::control_path(control);
@@ -80,4 +80,41 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Response::Tables { tables } => output::print_tables(&tables, json),
         Response::Statuses { devices } => output::print_statuses(&devices, json),
     }
+}
+
+/// `dmrep log dump|check`: read-only inspection of a replication log.
+pub fn log(cmd: crate::LogCommand) -> Result<()> {
+    let (args, check) = match cmd {
+        crate::LogCommand::Dump(a) => (a, false),
+        crate::LogCommand::Check(a) => (a, true),
+    };
+    let backend = dmrep_core::FileBackend::open_read_only(&args.path)
+        .with_context(|| format!("opening {}", args.path.display()))?;
+    let dump = dmrep_targets::replicator::log::inspect(&backend, args.start * 512)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&dump)?);
+    } else if check {
+        match (&dump.error, &dump.truncated) {
+            (Some(e), _) => println!("{}: not a usable log: {e}", args.path.display()),
+            (None, Some(t)) => println!(
+                "{}: {} good entries, next seq {}; recovery would truncate: {t}",
+                args.path.display(),
+                dump.entries,
+                dump.next_seq.unwrap_or(0)
+            ),
+            (None, None) => println!(
+                "{}: clean: {} entries, {} bytes in use, next seq {}",
+                args.path.display(),
+                dump.entries,
+                dump.used_bytes,
+                dump.next_seq.unwrap_or(0)
+            ),
+        }
+    } else {
+        print!("{dump}");
+    }
+    if check && !dump.is_clean() {
+        bail!("log {} needs recovery (see above)", args.path.display());
+    }
+    Ok(())
 }

@@ -99,8 +99,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect a replication log offline (read-only; the daemon need not run).
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Run the built-in demonstration: files, a daemon, devices, served until Ctrl-C.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// Print the superblocks and every entry, and where recovery would stop.
+    Dump(LogArgs),
+    /// Check a log: exit 0 if it is valid with nothing to truncate, 1 otherwise.
+    Check(LogArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogArgs {
+    /// The log's device or file.
+    pub path: PathBuf,
+    /// Where the log starts on it, in sectors (the table's <start_sector>).
+    #[arg(long, default_value_t = 0)]
+    pub start: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +130,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon(args) => run_daemon::run(args, cli.control),
         Command::Demo(args) => demo::run(args),
+        Command::Log(cmd) => commands::log(cmd),
         other => commands::run(other, cli.control),
     };
     match result {

@@ -149,6 +149,8 @@ fn suspend_resume_cycles_under_fio_verify() {
     d.create("cyc", &format!("0 65536 striped 2 64 {a} 0 {b} 0"));
     let out_file = d.path("fio.json");
     let child = Command::new("fio")
+        // fio writes verify state files into its working directory: keep them out of the tree.
+        .current_dir(d.dir())
         .args([
             "--name=cycles",
             "--ioengine=nbd",
@@ -162,6 +164,7 @@ fn suspend_resume_cycles_under_fio_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ])
         .arg(format!("--output={}", out_file.display()))

@@ -332,19 +332,25 @@ fn fio_randwrite_verify_on_striped() {
     let a = d.make_file_s("a.img", 16 * MIB);
     let b = d.make_file_s("b.img", 16 * MIB);
     d.create("f", &format!("0 65536 striped 2 128 {a} 0 {b} 0"));
-    let out = run_ok(Command::new("fio").args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", d.uri("f")),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=30M",
-        "--iodepth=16",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--output-format=json",
-    ]));
+    let out = run_ok(
+        Command::new("fio")
+            // fio writes verify state files into its working directory: keep them out of the tree.
+            .current_dir(d.dir())
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={}", d.uri("f")),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=30M",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--output-format=json",
+            ]),
+    );
     let json_start = out.find('{').unwrap_or_else(|| panic!("no JSON from fio:\n{out}"));
     let v: serde_json::Value = serde_json::from_str(&out[json_start..]).unwrap();
     let job = &v["jobs"][0];

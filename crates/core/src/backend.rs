@@ -70,6 +70,18 @@ impl FileBackend {
         })
     }
 
+    /// Open `path` read-only (offline inspection). Writes fail with EBADF.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).open(path)?;
+        let meta = file.metadata()?;
+        let is_block = meta.file_type().is_block_device();
+        if !is_block && !meta.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"));
+        }
+        let size = if is_block { file.seek(SeekFrom::End(0))? } else { meta.len() };
+        Ok(FileBackend { file, path: path.to_path_buf(), size, is_block })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -28,6 +28,8 @@ pub(crate) enum Mode {
     Delayed,
     /// Reads too complete on the delaying thread.
     DelayedAll,
+    /// On the submitting thread, after a short busy delay (a slow synchronous device).
+    SlowSync,
 }
 
 #[derive(Default)]
@@ -87,13 +89,16 @@ pub(crate) struct MemTarget {
     inner: Arc<MemInner>,
     delayer: Mutex<Option<Sender<(u64, Request, Completion)>>>,
     delay_reads: bool,
+    slow: bool,
     seq: AtomicU64,
+    /// Threads that called `submit`.
+    pub(crate) submitters: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
 }
 
 impl MemTarget {
     pub(crate) fn new(size: usize, mode: Mode) -> Arc<Self> {
         let inner = Arc::new(MemInner { data: Mutex::new(vec![0u8; size]), counters: Counters::default() });
-        let delayer = (mode != Mode::Sync).then(|| {
+        let delayer = matches!(mode, Mode::Delayed | Mode::DelayedAll).then(|| {
             let (tx, rx) = crossbeam_channel::unbounded();
             let i = inner.clone();
             std::thread::spawn(move || delay_thread(i, rx));
@@ -103,7 +108,9 @@ impl MemTarget {
             inner,
             delayer: Mutex::new(delayer),
             delay_reads: mode == Mode::DelayedAll,
+            slow: mode == Mode::SlowSync,
             seq: AtomicU64::new(0),
+            submitters: Mutex::new(Default::default()),
         })
     }
 
@@ -152,6 +159,11 @@ impl Target for MemTarget {
     }
 
     fn submit(&self, mut req: Request, done: Completion) {
+        self.submitters.lock().insert(std::thread::current().id());
+        if self.slow {
+            // Simulated device latency (this is the target, not a test waiting).
+            std::thread::sleep(Duration::from_micros(200));
+        }
         if matches!(req.op, Op::Write { .. }) || (self.delay_reads && req.op == Op::Read) {
             if let Some(tx) = self.delayer.lock().as_ref() {
                 let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;

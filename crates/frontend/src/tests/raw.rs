@@ -593,3 +593,43 @@ fn a_client_that_does_not_read_replies_does_not_stall_the_target() {
     f.wait_idle();
     assert_eq!(dev.open_count(), 0);
 }
+
+#[test]
+fn slow_synchronous_targets_get_requests_in_parallel() {
+    let f = Fixture::with_config(NbdConfig { workers_per_conn: 4, max_request_bytes: 1 << 20 });
+    let (_, t) = f.add_device("d0", &[4 << 20], Mode::SlowSync);
+    let mut c = Client::connect(&f.path);
+    c.go("d0", true);
+    const N: u64 = 400;
+    let mut w = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            let (command, len) = if i % 2 == 0 { (Command::Write, 4096) } else { (Command::Read, 4096) };
+            let h = RequestHeader { flags: CmdFlags(0), command, cookie: i, offset: (i / 2) * 4096, len };
+            w.write_all(&h.encode()).unwrap();
+            if command == Command::Write {
+                w.write_all(&[(i % 251) as u8; 4096]).unwrap();
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    for _ in 0..N {
+        match c.chunk() {
+            Err(h) => {
+                assert_eq!(h.error, 0);
+                assert!(seen.insert(h.cookie));
+            }
+            Ok((h, ReplyChunk::OffsetData { data, .. })) => {
+                assert_eq!(data.len(), 4096);
+                assert!(seen.insert(h.cookie));
+            }
+            Ok(other) => panic!("{other:?}"),
+        }
+    }
+    sender.join().unwrap();
+    assert_eq!(seen.len() as u64, N);
+    let threads = t[0].submitters.lock().len();
+    assert!((2..=4).contains(&threads), "{threads} submitting threads");
+    drop(c);
+    f.wait_idle();
+}

@@ -112,6 +112,10 @@ struct SlinkRt {
     waiting_for_device: Option<u32>,
     applied_entries: u64,
     applied_bytes: u64,
+    /// Epoch slices applied, and time spent applying them and persisting the cursor (µs).
+    applies: u64,
+    apply_us: u64,
+    cursor_us: u64,
 }
 
 impl SlinkRt {
@@ -134,6 +138,8 @@ pub struct Stats {
     pub reads: u64,
     pub reads_from_log: u64,
     pub log_full_waits: u64,
+    /// Time spent in log appends (write + sync), microseconds.
+    pub append_us: u64,
 }
 
 struct State {
@@ -206,6 +212,9 @@ impl Group {
                     waiting_for_device: None,
                     applied_entries: 0,
                     applied_bytes: 0,
+                    applies: 0,
+                    apply_us: 0,
+                    cursor_us: 0,
                 },
             );
             handlers.insert(s.nr, s.handler);
@@ -446,6 +455,9 @@ impl Group {
                     shipping: *nr == 0 || st.shipping,
                     applied_entries: rt.applied_entries,
                     applied_bytes: rt.applied_bytes,
+                    applies: rt.applies,
+                    apply_us: rt.apply_us,
+                    cursor_us: rt.cursor_us,
                 }
             })
             .collect();
@@ -494,6 +506,9 @@ pub struct SlinkStatus {
     pub shipping: bool,
     pub applied_entries: u64,
     pub applied_bytes: u64,
+    pub applies: u64,
+    pub apply_us: u64,
+    pub cursor_us: u64,
 }
 
 #[derive(Clone, Serialize)]
@@ -630,8 +645,11 @@ fn appender(inner: Arc<Inner>) {
                 NewEntry { dev_nr: p.dev_nr, offset: p.req.offset + s.start, kind, len: s.len as u32, data, slinks }
             })
             .collect();
+        let t0 = Instant::now();
         let result = inner.log.append(&entries);
+        let append_us = t0.elapsed().as_micros() as u64;
         drop(entries);
+        inner.st.lock().stats.append_us += append_us;
         match result {
             Ok(metas) => finish_append(&inner, pendings, &slices, metas, &waits),
             Err(super::log::LogError::Full { .. }) => {
@@ -712,10 +730,82 @@ enum Work {
     Probe,
 }
 
+/// Persists one SLINK's cursor in the log off the copier's path, so that epoch e's
+/// cursor is written while epoch e+1's data goes to the site.
+///
+/// Order rule (why this is safe): after a crash the copier re-applies every entry after
+/// the durable cursor. Re-applying epoch e over a site that also holds part of e+1 is
+/// harmless (e+1's writes were concurrent with each other), but re-applying e-1 over e+1
+/// could roll back a block e+1 depends on. So before epoch e+1 starts, the cursor of
+/// epoch e-1 must be durable: the copier waits for the previous persist before
+/// handing over the next one, and only then takes new work.
+struct CursorPipe {
+    tx: Option<crossbeam_channel::Sender<u64>>,
+    done: crossbeam_channel::Receiver<Result<(), String>>,
+    in_flight: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CursorPipe {
+    fn new(inner: Arc<Inner>, nr: u16) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<u64>(1);
+        let (dtx, done) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new().name(format!("{}-cursor{nr}", inner.name)).spawn(move || {
+            for seq in rx {
+                let t0 = Instant::now();
+                let r = inner.log.set_cursors(&[(nr, seq)]).map_err(|e| e.to_string());
+                if let Some(rt) = inner.st.lock().slinks.get_mut(&nr) {
+                    rt.cursor_us += t0.elapsed().as_micros() as u64;
+                }
+                if dtx.send(r).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(CursorPipe { tx: Some(tx), done, in_flight: false, thread: Some(thread) })
+    }
+
+    /// Wait for the persist in flight, if any.
+    fn wait(&mut self) -> Result<(), String> {
+        if std::mem::take(&mut self.in_flight) {
+            return self.done.recv().unwrap_or_else(|_| Err("cursor thread gone".into()));
+        }
+        Ok(())
+    }
+
+    /// Wait for the previous persist, then start persisting `seq`.
+    fn persist(&mut self, seq: u64) -> Result<(), String> {
+        let prev = self.wait();
+        if let Some(tx) = &self.tx {
+            if tx.send(seq).is_ok() {
+                self.in_flight = true;
+            }
+        }
+        prev
+    }
+}
+
+impl Drop for CursorPipe {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn copier(inner: Arc<Inner>, nr: u16) {
     let handler = inner.handlers[&nr].clone();
     let mut backoff = PROBE_MIN;
     let mut next_probe = Instant::now();
+    let mut cursor = match CursorPipe::new(inner.clone(), nr) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(group = %inner.name, slink = nr, "cannot start the cursor thread: {e}");
+            return;
+        }
+    };
     loop {
         let work = {
             let mut st = inner.st.lock();
@@ -753,8 +843,14 @@ fn copier(inner: Arc<Inner>, nr: u16) {
                     inner.st.lock().slinks.get_mut(&nr).expect("slink").last_error = Some(e.to_string());
                 }
             },
-            Work::Apply(batch) => {
-                if let Err(e) = apply(&inner, nr, &*handler, batch) {
+            Work::Apply(batch) => match apply(&inner, nr, &*handler, batch) {
+                Ok(last) => {
+                    if let Err(e) = cursor.persist(last) {
+                        warn!(group = %inner.name, slink = nr, "persisting the slink cursor failed: {e}");
+                        inner.st.lock().log_error = Some(format!("persisting slink {nr} cursor: {e}"));
+                    }
+                }
+                Err(e) => {
                     warn!(group = %inner.name, slink = nr, "slink failed, marking inaccessible: {e}");
                     let mut st = inner.st.lock();
                     let rt = st.slinks.get_mut(&nr).expect("slink");
@@ -764,7 +860,7 @@ fn copier(inner: Arc<Inner>, nr: u16) {
                     backoff = PROBE_MIN;
                     next_probe = Instant::now() + backoff;
                 }
-            }
+            },
         }
     }
 }
@@ -807,8 +903,9 @@ fn next_epoch(
     (!out.is_empty()).then_some(out)
 }
 
-/// Apply entries to the site, persist the cursor, then account and acknowledge.
-fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMeta, Option<Chunk>)>) -> io::Result<()> {
+/// Apply entries to the site (durably), then account and acknowledge. Returns the last
+/// seq applied; the caller persists it as the SLINK's cursor.
+fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMeta, Option<Chunk>)>) -> io::Result<u64> {
     // Entries not in the cache are read back from the log.
     let mut owned: Vec<Option<Vec<u8>>> = Vec::with_capacity(batch.len());
     for (m, c) in &batch {
@@ -835,15 +932,18 @@ fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMe
             },
         })
         .collect();
+    let t0 = Instant::now();
     handler.apply(&entries)?;
+    let t1 = Instant::now();
     let last = batch.last().expect("non-empty").0.seq;
-    inner.log.set_cursors(&[(nr, last)]).map_err(io::Error::other)?;
 
     let now = Instant::now();
     let mut ready = Vec::new();
     let mut st = inner.st.lock();
     let rt = st.slinks.get_mut(&nr).expect("slink");
     rt.applied = last;
+    rt.applies += 1;
+    rt.apply_us += (t1 - t0).as_micros() as u64;
     while rt.outstanding.front().is_some_and(|o| o.0 <= last) {
         let (_, b, _) = rt.outstanding.pop_front().expect("front");
         rt.out_bytes -= b;
@@ -882,5 +982,5 @@ fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMe
     for (req, done) in ready {
         done.complete(req, Ok(()));
     }
-    Ok(())
+    Ok(last)
 }
