@@ -319,19 +319,58 @@ fn listen_unix_replaces_stale_socket_but_not_live_one_or_file() {
     b.shutdown();
 }
 
-/// Not a test: serves a 1 GiB memory device named `mem` on `$DMREP_BENCH_SOCKET` for
-/// `$DMREP_BENCH_SECS` seconds, for side-by-side runs of fio against nbdkit:
+/// A target over a file (positional I/O on the calling thread), like `nbdkit file`;
+/// for benchmarks only (the real `linear` target lives in the targets crate).
+struct FileTarget(dmrep_core::FileBackend);
+
+impl Target for FileTarget {
+    fn type_name(&self) -> &'static str {
+        "filetest"
+    }
+
+    fn submit(&self, mut req: Request, done: Completion) {
+        use dmrep_core::BlockBackend;
+        let b = &self.0;
+        let res = match req.op {
+            Op::Read => b.read_at(&mut req.buf, req.offset),
+            Op::Write { fua } => b.write_at(&req.buf, req.offset).and_then(|()| if fua { b.sync() } else { Ok(()) }),
+            Op::Flush => b.sync(),
+            Op::Discard => b.discard(req.offset, req.len),
+            Op::WriteZeroes { may_trim, .. } => b.write_zeroes(req.offset, req.len, may_trim),
+        };
+        done.complete(req, res);
+    }
+}
+
+/// Not a test: serves a device named `mem` on `$DMREP_BENCH_SOCKET` for
+/// `$DMREP_BENCH_SECS` seconds, for side-by-side runs of fio against nbdkit. The device
+/// is 1 GiB of memory, or the file `$DMREP_BENCH_FILE` if set:
 /// `cargo test --release -p dmrep-frontend -- --ignored serve_for_benchmark --nocapture`.
 #[test]
 #[ignore]
 fn serve_for_benchmark() {
-    let path = PathBuf::from(std::env::var("DMREP_BENCH_SOCKET").unwrap_or_else(|_| "/tmp/dmrep-bench.sock".into()));
-    let secs: u64 = std::env::var("DMREP_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let env = |k: &str| std::env::var(k).ok();
+    let path = PathBuf::from(env("DMREP_BENCH_SOCKET").unwrap_or_else(|| "/tmp/dmrep-bench.sock".into()));
+    let secs: u64 = env("DMREP_BENCH_SECS").and_then(|s| s.parse().ok()).unwrap_or(60);
     let registry = Arc::new(DeviceRegistry::new());
     let server = NbdServer::new(registry.clone(), NbdConfig::default());
     server.listen_unix(&path).unwrap();
     let f = Fixture { _dir: tempfile::tempdir().unwrap(), path, registry, server };
-    f.add_device("mem", &[1 << 30], Mode::Sync);
+    match env("DMREP_BENCH_FILE") {
+        None => {
+            f.add_device("mem", &[1 << 30], Mode::Sync);
+        }
+        Some(file) => {
+            let backend = dmrep_core::FileBackend::open(Path::new(&file)).unwrap();
+            use dmrep_core::BlockBackend;
+            let sectors = backend.size() / 512;
+            let dev = f.registry.insert("mem", None).unwrap();
+            let spec = SegmentSpec { start: 0, len: sectors, target: "filetest".into(), args: Vec::new(), line: 0 };
+            let t: Arc<dyn Target> = Arc::new(FileTarget(backend));
+            dev.load(LiveTable::new(TableSpec { segments: vec![spec] }, vec![t]));
+            dev.resume();
+        }
+    }
     eprintln!("serving {} for {secs} s", f.uri("mem"));
     std::thread::sleep(Duration::from_secs(secs));
 }

@@ -700,6 +700,9 @@ fn finish_append(inner: &Inner, pendings: Vec<Pending>, slices: &[Slice], metas:
             st.overlay.insert(m);
         }
     }
+    for (nr, rt) in st.slinks.iter_mut() {
+        update_mode(&inner.name, *nr, rt, now);
+    }
     for (i, mut p) in pendings.into_iter().enumerate() {
         p.wait.extend(waits.iter().copied());
         p.appended += slices.iter().filter(|s| s.p == i).map(|s| s.len).sum::<u64>();
