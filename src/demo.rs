@@ -1,12 +1,18 @@
 //! `dmrep demo`: the main job on a built-in default.
 //!
-//! Creates backing files in a directory of its own, starts a daemon in this process,
-//! creates a striped device over two files, prints the NBD URI and commands to try,
-//! and serves until Ctrl-C.
+//! Creates backing files in a directory of its own, starts a daemon in this process, and
+//! builds a replicated group with the paper's one-line table: two LDs, a replication log,
+//! and two site links with `local` replicas, SLINK 1 synchronous and SLINK 2
+//! asynchronous with a fall-behind threshold. Prints the NBD URIs and commands to try,
+//! then shows the group's status live (SLINK modes, lag, log use) until Ctrl-C.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use dmrep_formats::control::{Request, Response};
 
@@ -17,9 +23,15 @@ pub struct DemoArgs {
     /// Directory for the demo's files and sockets.
     #[arg(long, default_value = "dmrep-demo")]
     pub dir: PathBuf,
-    /// Size of each backing file in MiB.
+    /// Size of each device in MiB.
     #[arg(long, default_value_t = 64)]
     pub size_mib: u64,
+    /// Size of the replication log in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub log_mib: u64,
+    /// Fall-behind threshold of the asynchronous SLINK 2, in entries.
+    #[arg(long, default_value_t = 1000)]
+    pub ios: u64,
     /// Also serve NBD on this TCP address.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub nbd_listen: String,
@@ -28,18 +40,46 @@ pub struct DemoArgs {
     pub no_wait: bool,
 }
 
+fn sized_file(path: &Path, bytes: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    if f.metadata()?.len() < bytes {
+        f.set_len(bytes).with_context(|| format!("sizing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The demo's table: the paper's one-line form, two devices, three SLINKs.
+fn table(dir: &Path, sectors: u64, log_sectors: u64, ios: u64) -> String {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let mut t = format!("0 {sectors} replicator \\\n  default 4 {} 0 auto {log_sectors} \\\n", p("replog"));
+    for d in 0..2 {
+        t += &format!("  local 2 0 asynchronous \\\n    2 {d} {} \\\n    - 0 \\\n", p(&format!("ld{d}.img")));
+    }
+    for d in 0..2 {
+        t += &format!(
+            "  local 2 1 synchronous \\\n    2 {d} {} \\\n    core 2 2048 nosync \\\n",
+            p(&format!("site1-rd{d}.img"))
+        );
+    }
+    for d in 0..2 {
+        t += &format!(
+            "  local 3 2 asynchronous ios={ios} \\\n    2 {d} {} \\\n    core 2 2048 nosync{}\n",
+            p(&format!("site2-rd{d}.img")),
+            if d == 0 { " \\" } else { "" }
+        );
+    }
+    t
+}
+
 pub fn run(args: DemoArgs) -> Result<()> {
     run_daemon::init_logging();
     let dir = std::path::absolute(&args.dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let bytes = args.size_mib << 20;
-    let files: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("disk{i}.img"))).collect();
-    for f in &files {
-        let file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(f)?;
-        if file.metadata()?.len() < bytes {
-            file.set_len(bytes)?;
-        }
+    for name in ["ld0.img", "ld1.img", "site1-rd0.img", "site1-rd1.img", "site2-rd0.img", "site2-rd1.img"] {
+        sized_file(&dir.join(name), bytes)?;
     }
+    sized_file(&dir.join("replog"), args.log_mib << 20)?;
     let control = dir.join("control.sock");
     let daemon_args = DaemonArgs {
         state_dir: dir.join("state"),
@@ -50,34 +90,100 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // A fresh start each time: the demo's own devices, not a restored set.
     let _ = std::fs::remove_dir_all(&daemon_args.state_dir);
     let running = run_daemon::start(&daemon_args, Some(control.clone()))?;
-    let sectors = (bytes >> 9) * 2;
-    let table = format!("0 {sectors} striped 2 128 {} 0 {} 0\n", files[0].display(), files[1].display());
-    match running.daemon.handle(Request::Create { name: "demo0".into(), table: table.clone(), uuid: None }) {
+    let table = table(&dir, bytes >> 9, (args.log_mib << 20) >> 9, args.ios);
+    match running.daemon.handle(Request::Create { name: "r0".into(), table: table.clone(), uuid: None }) {
         Response::Ok => {}
-        Response::Error { message } => anyhow::bail!("creating demo0: {message}"),
-        other => anyhow::bail!("unexpected answer {other:?}"),
+        Response::Error { message } => {
+            running.stop();
+            bail!("creating the replicated group r0: {message}")
+        }
+        other => bail!("unexpected answer {other:?}"),
     }
     let sock = daemon_args.nbd_unix.display();
     let tcp = running.tcp.map(|a| a.to_string()).unwrap_or_default();
-    println!("dmrep demo: device demo0 striped over two {} MiB files in {}", args.size_mib, dir.display());
+    println!("dmrep demo: replicated group r0 in {}", dir.display());
+    println!("  two devices (r0-0, r0-1, {} MiB each) replicated as one write-ordered group to", args.size_mib);
+    println!("  site 1 (SLINK 1, synchronous) and site 2 (SLINK 2, asynchronous, ios={}),", args.ios);
+    println!("  through a {} MiB replication log. Table:", args.log_mib);
     println!();
-    println!("  table:    {}", table.trim());
-    println!("  NBD URIs: nbd+unix:///demo0?socket={sock}");
-    println!("            nbd://{tcp}/demo0");
+    for l in table.lines() {
+        println!("    {l}");
+    }
+    println!();
+    println!("  NBD URIs: nbd+unix:///r0-0?socket={sock}   nbd://{tcp}/r0-0");
+    println!("            nbd+unix:///r0-1?socket={sock}   nbd://{tcp}/r0-1");
     println!();
     println!("Try, in another shell:");
     println!("  export DMREP_CONTROL={}", control.display());
-    println!("  dmrep ls; dmrep status demo0; dmrep info demo0 --json; dmrep table demo0");
-    println!("  nbdinfo 'nbd+unix:///demo0?socket={sock}'");
-    println!("  qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' 'nbd+unix:///demo0?socket={sock}'");
-    println!("  fio --name=t --ioengine=nbd --uri='nbd+unix:///demo0?socket={sock}' --rw=randwrite --bs=4k --size=32M --verify=crc32c");
+    println!("  dmrep ls; dmrep status; dmrep status r0 --json; dmrep table r0");
+    println!("  qemu-io -f raw -c 'write -P 0x5a 0 8M' 'nbd+unix:///r0-0?socket={sock}'");
+    println!("  fio --name=t --ioengine=nbd --uri='nbd+unix:///r0-1?socket={sock}' --rw=randwrite --bs=4k --size=32M --iodepth=16 --verify=crc32c");
+    println!("  dmrep message r0 0 slink 2 pause   # site 2 falls behind, then is forced synchronous at its threshold");
+    println!("  dmrep message r0 0 slink 2 resume  # it catches up in order");
+    println!("  cmp {} {}   # once caught up", dir.join("ld0.img").display(), dir.join("site2-rd0.img").display());
     println!();
     if args.no_wait {
         running.stop();
         return Ok(());
     }
-    println!("Serving until Ctrl-C.");
-    run_daemon::wait_for_signal()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    println!("Serving until Ctrl-C. Live status of r0 (mode S sync, A async, F forced sync; lag; log use):");
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        let line = status_line(&running.daemon);
+        if tty {
+            print!("\r\x1b[2K{line}");
+            let _ = std::io::stdout().flush();
+        } else if line != last {
+            println!("{line}");
+        }
+        last = line;
+        for _ in 0..10 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if tty {
+        println!();
+    }
     running.stop();
     Ok(())
+}
+
+/// One line: each SLINK's mode and lag, and the log's use.
+fn status_line(daemon: &dmrep_control::daemon::Daemon) -> String {
+    let Response::Statuses { devices } = daemon.handle(Request::Status { name: Some("r0".into()) }) else {
+        return "status unavailable".into();
+    };
+    let Some(d) = devices.first().and_then(|d| d.segments.first()).map(|s| &s.detail) else {
+        return "status unavailable".into();
+    };
+    let mut out = String::new();
+    if let Some(slinks) = d["slinks"].as_array() {
+        for s in slinks {
+            let mode = match s["mode"].as_str().unwrap_or("") {
+                "synchronous" => "S",
+                "asynchronous" => "A",
+                "forced_synchronous" => "F",
+                _ => "?",
+            };
+            out += &format!(
+                "slink{} {mode}{} lag {} ios/{} KiB/{} ms  ",
+                s["slink"],
+                if s["accessible"].as_bool() == Some(false) { " DOWN" } else { "" },
+                s["outstanding_ios"],
+                s["outstanding_bytes"].as_u64().unwrap_or(0) / 1024,
+                s["oldest_outstanding_ms"].as_u64().unwrap_or(0)
+            );
+        }
+    }
+    let used = d["log"]["used_bytes"].as_u64().unwrap_or(0);
+    let size = d["log"]["ring_len"].as_u64().unwrap_or(1).max(1);
+    out += &format!("| log {:.1}% used, next seq {}", used as f64 * 100.0 / size as f64, d["log"]["next_seq"]);
+    out
 }

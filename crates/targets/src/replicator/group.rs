@@ -110,6 +110,8 @@ struct SlinkRt {
     down_since: Option<SystemTime>,
     last_error: Option<String>,
     waiting_for_device: Option<u32>,
+    /// Operator pause (`slink <nr> pause`): entries queue in the log, nothing ships.
+    paused: bool,
     applied_entries: u64,
     applied_bytes: u64,
     /// Epoch slices applied, and time spent applying them and persisting the cursor (µs).
@@ -210,6 +212,7 @@ impl Group {
                     down_since: None,
                     last_error: None,
                     waiting_for_device: None,
+                    paused: false,
                     applied_entries: 0,
                     applied_bytes: 0,
                     applies: 0,
@@ -415,6 +418,20 @@ impl Group {
         self.inner.copier_cv.notify_all();
     }
 
+    /// Pause or resume shipping to one SLINK (not SLINK 0: the LDs are always fed).
+    pub fn set_paused(&self, nr: u16, paused: bool) -> Result<(), String> {
+        if nr == 0 {
+            return Err("slink 0 (the local devices) cannot be paused".into());
+        }
+        let mut st = self.inner.st.lock();
+        let rt = st.slinks.get_mut(&nr).ok_or_else(|| format!("no slink {nr}"))?;
+        rt.paused = paused;
+        info!(group = %self.inner.name, slink = nr, paused, "slink shipping {}", if paused { "paused" } else { "resumed" });
+        drop(st);
+        self.inner.copier_cv.notify_all();
+        Ok(())
+    }
+
     pub fn statistics(&self, cmd: &str) -> Result<(), String> {
         let mut st = self.inner.st.lock();
         match cmd {
@@ -452,7 +469,8 @@ impl Group {
                     down_since: rt.down_since.map(unix_ms),
                     last_error: rt.last_error.clone(),
                     waiting_for_device: rt.waiting_for_device,
-                    shipping: *nr == 0 || st.shipping,
+                    shipping: (*nr == 0 || st.shipping) && !rt.paused,
+                    paused: rt.paused,
                     applied_entries: rt.applied_entries,
                     applied_bytes: rt.applied_bytes,
                     applies: rt.applies,
@@ -504,6 +522,7 @@ pub struct SlinkStatus {
     pub last_error: Option<String>,
     pub waiting_for_device: Option<u32>,
     pub shipping: bool,
+    pub paused: bool,
     pub applied_entries: u64,
     pub applied_bytes: u64,
     pub applies: u64,
@@ -816,8 +835,8 @@ fn copier(inner: Arc<Inner>, nr: u16) {
                 if st.shutdown {
                     return;
                 }
-                let shipping = nr == 0 || st.shipping;
                 let rt = &st.slinks[&nr];
+                let shipping = (nr == 0 || st.shipping) && !rt.paused;
                 if !rt.accessible {
                     if Instant::now() >= next_probe {
                         break Work::Probe;

@@ -212,13 +212,14 @@ impl Target for ReplicatorTarget {
         let mut line = format!("{}", st.slinks.len());
         for s in &st.slinks {
             line.push_str(&format!(
-                " {}:{},{},{},{}ms,{}",
+                " {}:{},{},{},{}ms,{}{}",
                 s.slink,
                 s.mode.letter(),
                 s.outstanding_ios,
                 s.outstanding_bytes,
                 s.oldest_outstanding_ms.unwrap_or(0),
-                if s.accessible { "up" } else { "down" }
+                if s.accessible { "up" } else { "down" },
+                if s.paused { ",paused" } else { "" }
             ));
         }
         line.push_str(&format!(
@@ -239,6 +240,11 @@ impl Target for ReplicatorTarget {
             ["start" | "resume", rest @ ..] if rest.is_empty() || rest == ["all"] => {
                 self.group.set_shipping(true);
                 Ok("shipping started".into())
+            }
+            ["slink", nr, op @ ("pause" | "resume")] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                self.group.set_paused(nr, *op == "pause").map_err(err)?;
+                Ok(format!("slink {nr} {}", if *op == "pause" { "paused" } else { "resumed" }))
             }
             ["statistics", cmd] => self.group.statistics(cmd).map(|_| String::new()).map_err(err),
             ["slink", nr, "policy", p] | ["slink", "message", nr, "policy", p] => {
@@ -271,7 +277,7 @@ impl Target for ReplicatorTarget {
             }
             _ => Err(err(format!(
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
-                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>)",
+                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>, slink <nr> pause|resume)",
                 args.join(" ")
             ))),
         }
