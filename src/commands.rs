@@ -36,7 +36,9 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Command::Create { name, table_file, table, uuid } => {
             (Request::Create { name, table: table_text(table_file, table)?, uuid }, false)
         }
-        Command::Load { name, table_file, table } => (Request::Load { name, table: table_text(table_file, table)? }, false),
+        Command::Load { name, table_file, table } => {
+            (Request::Load { name, table: table_text(table_file, table)? }, false)
+        }
         Command::Clear { name } => (Request::Clear { name }, false),
         Command::Suspend { name } => (Request::Suspend { name }, false),
         Command::Resume { name } => (Request::Resume { name }, false),

@@ -59,7 +59,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::nbd_client::NbdClient;
@@ -474,7 +474,9 @@ pub fn scan(src: &mut dyn Images, nblocks: u64, torn_retries: u32) -> Result<Sta
                 while matches!(d, Decoded::Bad(_)) && tries < torn_retries {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(5));
-                    let b = src.read_blocks(dev, block, 1).map_err(|e| format!("re-reading dev {dev} block {block}: {e}"))?;
+                    let b = src
+                        .read_blocks(dev, block, 1)
+                        .map_err(|e| format!("re-reading dev {dev} block {block}: {e}"))?;
                     d = decode_stamp(&b, dev, block);
                 }
                 match d {
@@ -483,7 +485,11 @@ pub fn scan(src: &mut dyn Images, nblocks: u64, torn_retries: u32) -> Result<Sta
                     Decoded::Bad(why) => {
                         return Err(format!(
                             "CORRUPTION: dev {dev} block {block}: {why}{}",
-                            if torn_retries > 0 { format!(" (still after {torn_retries} re-reads)") } else { String::new() }
+                            if torn_retries > 0 {
+                                format!(" (still after {torn_retries} re-reads)")
+                            } else {
+                                String::new()
+                            }
                         ))
                     }
                 }
@@ -562,7 +568,8 @@ fn check_required(h: &History, check: &Stamps, w: u64, witness: u64, what: &str)
     for dev in 0..h.ndev {
         for block in 0..h.nblocks {
             let writes = &per_block[(dev as u64 * h.nblocks + block) as usize];
-            let need = writes.iter().rev().copied().find(|&s| s <= w && h.writes[s as usize - 1].outcome != Outcome::Lost);
+            let need =
+                writes.iter().rev().copied().find(|&s| s <= w && h.writes[s as usize - 1].outcome != Outcome::Lost);
             let need = need.unwrap_or(0);
             let found = check.at(dev, block);
             if found < need {

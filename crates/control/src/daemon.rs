@@ -277,13 +277,18 @@ impl Daemon {
                     .list()
                     .iter()
                     .filter(|d| !companions.contains(&d.name()))
-                    .filter(|d| d.live_table().is_some_and(|t| t.targets().any(|(s, _)| s.target == "replicator-dev" && s.args.first() == Some(&name))))
+                    .filter(|d| {
+                        d.live_table().is_some_and(|t| {
+                            t.targets().any(|(s, _)| s.target == "replicator-dev" && s.args.first() == Some(&name))
+                        })
+                    })
                     .map(|d| d.name())
                     .collect();
                 if !users.is_empty() {
                     return Err(DaemonError::InUse { name, users: users.join(", ") });
                 }
-                let mut victims: Vec<Arc<MappedDevice>> = companions.iter().filter_map(|n| self.devices.get(n)).collect();
+                let mut victims: Vec<Arc<MappedDevice>> =
+                    companions.iter().filter_map(|n| self.devices.get(n)).collect();
                 victims.push(self.device(&name)?);
                 for d in &victims {
                     let count = d.open_count();

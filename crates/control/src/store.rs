@@ -78,7 +78,8 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
-        let f: StoreFile = serde_json::from_slice(&text).map_err(|e| StoreError::Parse { path: path.clone(), source: e })?;
+        let f: StoreFile =
+            serde_json::from_slice(&text).map_err(|e| StoreError::Parse { path: path.clone(), source: e })?;
         if f.format > STORE_FORMAT {
             return Err(StoreError::Version { path, got: f.format });
         }
@@ -110,7 +111,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
         assert!(s.load().unwrap().is_empty());
-        let recs = vec![DeviceRecord { name: "a".into(), uuid: "u".into(), table: "0 8 zero\n".into(), companion_of: None }];
+        let recs =
+            vec![DeviceRecord { name: "a".into(), uuid: "u".into(), table: "0 8 zero\n".into(), companion_of: None }];
         s.save(&recs).unwrap();
         assert_eq!(s.load().unwrap(), recs);
         fs::write(s.file(), b"{\"format\": 99, \"devices\": []}").unwrap();

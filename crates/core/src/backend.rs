@@ -52,22 +52,10 @@ impl FileBackend {
         let meta = file.metadata()?;
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file or block device",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"));
         }
-        let size = if is_block {
-            file.seek(SeekFrom::End(0))?
-        } else {
-            meta.len()
-        };
-        Ok(FileBackend {
-            file,
-            path: path.to_path_buf(),
-            size,
-            is_block,
-        })
+        let size = if is_block { file.seek(SeekFrom::End(0))? } else { meta.len() };
+        Ok(FileBackend { file, path: path.to_path_buf(), size, is_block })
     }
 
     /// Open `path` read-only (offline inspection). Writes fail with EBADF.

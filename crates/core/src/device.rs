@@ -38,18 +38,10 @@ impl LiveTable {
             .segments
             .iter()
             .zip(targets)
-            .map(|(s, target)| LiveSegment {
-                start: sectors_to_bytes(s.start),
-                len: sectors_to_bytes(s.len),
-                target,
-            })
+            .map(|(s, target)| LiveSegment { start: sectors_to_bytes(s.start), len: sectors_to_bytes(s.len), target })
             .collect();
         let size = segments.last().map(|s| s.start + s.len).unwrap_or(0);
-        LiveTable {
-            spec,
-            segments,
-            size,
-        }
+        LiveTable { spec, segments, size }
     }
 
     pub fn size(&self) -> u64 {
@@ -57,10 +49,7 @@ impl LiveTable {
     }
 
     pub fn targets(&self) -> impl Iterator<Item = (&SegmentSpec, &Arc<dyn Target>)> {
-        self.spec
-            .segments
-            .iter()
-            .zip(self.segments.iter().map(|s| &s.target))
+        self.spec.segments.iter().zip(self.segments.iter().map(|s| &s.target))
     }
 
     fn supports_discard(&self) -> bool {
@@ -156,11 +145,7 @@ impl MappedDevice {
             live: RwLock::new(None),
             inactive: Mutex::new(None),
             gate: Arc::new(Gate {
-                state: Mutex::new(GateState {
-                    suspended: false,
-                    dead: false,
-                    inflight: 0,
-                }),
+                state: Mutex::new(GateState { suspended: false, dead: false, inflight: 0 }),
                 cond: Condvar::new(),
             }),
             open_count: AtomicU32::new(0),
@@ -186,11 +171,7 @@ impl MappedDevice {
     }
 
     pub fn supports_discard(&self) -> bool {
-        self.live
-            .read()
-            .as_ref()
-            .map(|t| t.supports_discard())
-            .unwrap_or(false)
+        self.live.read().as_ref().map(|t| t.supports_discard()).unwrap_or(false)
     }
 
     pub fn state(&self) -> DeviceState {
@@ -332,10 +313,7 @@ impl MappedDevice {
     /// Status of each segment of the active table: `(spec, status)`.
     pub fn status(&self) -> Vec<(SegmentSpec, TargetStatus)> {
         match self.live_table() {
-            Some(t) => t
-                .targets()
-                .map(|(s, tg)| (s.clone(), tg.status()))
-                .collect(),
+            Some(t) => t.targets().map(|(s, tg)| (s.clone(), tg.status())).collect(),
             None => Vec::new(),
         }
     }
@@ -353,12 +331,7 @@ impl MappedDevice {
         let done = Completion::with_guard(sink, InflightGuard(self.gate.clone()));
         let table = self.live.read().clone();
         let Some(table) = table else {
-            done.complete(
-                req,
-                Err(io::Error::from_raw_os_error(
-                    rustix::io::Errno::NXIO.raw_os_error(),
-                )),
-            );
+            done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::NXIO.raw_os_error())));
             return;
         };
         if req.op == Op::Flush {
@@ -368,11 +341,7 @@ impl MappedDevice {
         match end {
             Some(end) if end <= table.size => {}
             _ => {
-                let errno = if req.op.is_write() {
-                    rustix::io::Errno::NOSPC
-                } else {
-                    rustix::io::Errno::INVAL
-                };
+                let errno = if req.op.is_write() { rustix::io::Errno::NOSPC } else { rustix::io::Errno::INVAL };
                 done.complete(req, Err(io::Error::from_raw_os_error(errno.raw_os_error())));
                 return;
             }
@@ -409,10 +378,7 @@ impl Drop for OpenHandle {
 fn flush_all(table: &LiveTable, req: Request, done: Completion) {
     let join = Join::new(req, done, table.segments.len());
     for (i, seg) in table.segments.iter().enumerate() {
-        seg.target.submit(
-            Request::new(Op::Flush, 0, 0, Vec::new(), i as u64),
-            Completion::new(join.clone()),
-        );
+        seg.target.submit(Request::new(Op::Flush, 0, 0, Vec::new(), i as u64), Completion::new(join.clone()));
     }
 }
 
@@ -444,10 +410,7 @@ fn split_submit(table: &LiveTable, first: usize, req: Request, done: Completion)
     for ((idx, o, n), buf) in parts.into_iter().zip(bufs) {
         let seg = &table.segments[idx];
         // The tag carries the part's byte offset inside the parent request.
-        seg.target.submit(
-            Request::new(op, o - seg.start, n, buf, o - base),
-            Completion::new(join.clone()),
-        );
+        seg.target.submit(Request::new(op, o - seg.start, n, buf, o - base), Completion::new(join.clone()));
     }
 }
 
@@ -464,13 +427,7 @@ struct JoinState {
 
 impl Join {
     fn new(req: Request, done: Completion, parts: usize) -> Arc<Join> {
-        Arc::new(Join {
-            inner: Mutex::new(JoinState {
-                parent: Some((req, done)),
-                remaining: parts,
-                error: None,
-            }),
-        })
+        Arc::new(Join { inner: Mutex::new(JoinState { parent: Some((req, done)), remaining: parts, error: None }) })
     }
 }
 

@@ -19,8 +19,7 @@ pub struct BuildContext<'a> {
 }
 
 /// Builds one target from its segment (length and parameters).
-pub type TargetConstructor =
-    fn(&BuildContext<'_>, &SegmentSpec) -> Result<Arc<dyn Target>, TargetError>;
+pub type TargetConstructor = fn(&BuildContext<'_>, &SegmentSpec) -> Result<Arc<dyn Target>, TargetError>;
 
 /// Target types by table keyword. Adding a target is one `register` line.
 #[derive(Default, Clone)]
@@ -37,17 +36,10 @@ impl TargetRegistry {
         self.types.keys().copied().collect()
     }
 
-    pub fn build(
-        &self,
-        ctx: &BuildContext<'_>,
-        seg: &SegmentSpec,
-    ) -> Result<Arc<dyn Target>, TargetError> {
+    pub fn build(&self, ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
         match self.types.get(seg.target.as_str()) {
             Some(ctor) => ctor(ctx, seg),
-            None => Err(TargetError::UnknownType(
-                seg.target.clone(),
-                self.names().join(", "),
-            )),
+            None => Err(TargetError::UnknownType(seg.target.clone(), self.names().join(", "))),
         }
     }
 }
@@ -69,9 +61,7 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() < 128
         && !name.starts_with('.')
         && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
 }
 
 /// The mapped devices, by name, plus shared objects that targets publish for each
@@ -96,11 +86,7 @@ impl DeviceRegistry {
     }
 
     /// Add a new, empty device.
-    pub fn insert(
-        &self,
-        name: &str,
-        uuid: Option<String>,
-    ) -> Result<Arc<MappedDevice>, RegistryError> {
+    pub fn insert(&self, name: &str, uuid: Option<String>) -> Result<Arc<MappedDevice>, RegistryError> {
         if !valid_name(name) {
             return Err(RegistryError::BadName(name.to_string()));
         }
@@ -115,10 +101,7 @@ impl DeviceRegistry {
 
     /// Take a device out of the registry (the caller shuts it down).
     pub fn take(&self, name: &str) -> Result<Arc<MappedDevice>, RegistryError> {
-        self.devices
-            .write()
-            .remove(name)
-            .ok_or_else(|| RegistryError::NotFound(name.to_string()))
+        self.devices.write().remove(name).ok_or_else(|| RegistryError::NotFound(name.to_string()))
     }
 
     pub fn rename(&self, old: &str, new: &str) -> Result<(), RegistryError> {
@@ -129,9 +112,7 @@ impl DeviceRegistry {
         if devs.contains_key(new) {
             return Err(RegistryError::Exists(new.to_string()));
         }
-        let dev = devs
-            .remove(old)
-            .ok_or_else(|| RegistryError::NotFound(old.to_string()))?;
+        let dev = devs.remove(old).ok_or_else(|| RegistryError::NotFound(old.to_string()))?;
         dev.set_name(new);
         devs.insert(new.to_string(), dev);
         Ok(())
@@ -148,10 +129,6 @@ impl DeviceRegistry {
 
     /// Look up a published object of type `T`.
     pub fn lookup<T: Any + Send + Sync>(&self, key: &str) -> Option<Arc<T>> {
-        self.shared
-            .lock()
-            .get(key)
-            .cloned()
-            .and_then(|o| o.downcast::<T>().ok())
+        self.shared.lock().get(key).cloned().and_then(|o| o.downcast::<T>().ok())
     }
 }

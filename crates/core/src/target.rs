@@ -52,13 +52,7 @@ pub struct Request {
 
 impl Request {
     pub fn new(op: Op, offset: u64, len: u64, buf: Vec<u8>, tag: u64) -> Self {
-        Request {
-            op,
-            offset,
-            len,
-            buf,
-            tag,
-        }
+        Request { op, offset, len, buf, tag }
     }
 }
 
@@ -83,10 +77,7 @@ impl Completion {
 
     /// A completion that keeps `guard` alive until the request has completed.
     pub(crate) fn with_guard(sink: Arc<dyn IoSink>, guard: crate::device::InflightGuard) -> Self {
-        Completion {
-            sink,
-            guard: Some(guard),
-        }
+        Completion { sink, guard: Some(guard) }
     }
 
     /// Complete the request. Consumes the completion: a request completes once.
@@ -123,10 +114,7 @@ pub enum TargetError {
 
 impl TargetError {
     pub fn params(target: &'static str, msg: impl Into<String>) -> Self {
-        TargetError::Params {
-            target,
-            msg: msg.into(),
-        }
+        TargetError::Params { target, msg: msg.into() }
     }
 }
 
@@ -139,10 +127,7 @@ pub struct TargetStatus {
 
 impl TargetStatus {
     pub fn new(line: impl Into<String>, json: serde_json::Value) -> Self {
-        TargetStatus {
-            line: line.into(),
-            json,
-        }
+        TargetStatus { line: line.into(), json }
     }
 }
 
@@ -169,10 +154,7 @@ pub trait Target: Send + Sync {
     /// A message from `dmrep message`. The reply is printed to the user.
     fn message(&self, args: &[String]) -> Result<String, TargetError> {
         let _ = args;
-        Err(TargetError::Message {
-            target: self.type_name(),
-            msg: "this target takes no messages".into(),
-        })
+        Err(TargetError::Message { target: self.type_name(), msg: "this target takes no messages".into() })
     }
 
     /// Called before the device stops taking new I/O (suspend). Default: nothing.
@@ -198,11 +180,7 @@ pub trait Target: Send + Sync {
 
 /// Complete `req` with a synchronous result computed by `f`. Helper for targets whose
 /// I/O is synchronous.
-pub fn complete_with(
-    req: Request,
-    done: Completion,
-    f: impl FnOnce(&mut Request) -> io::Result<()>,
-) {
+pub fn complete_with(req: Request, done: Completion, f: impl FnOnce(&mut Request) -> io::Result<()>) {
     let mut req = req;
     let res = f(&mut req);
     done.complete(req, res);

@@ -39,23 +39,53 @@ pub enum Request {
     /// Liveness and versions.
     Version,
     /// Create a device, load `table` and resume it.
-    Create { name: String, table: String, uuid: Option<String> },
+    Create {
+        name: String,
+        table: String,
+        uuid: Option<String>,
+    },
     /// Load `table` as the inactive table of an existing device.
-    Load { name: String, table: String },
+    Load {
+        name: String,
+        table: String,
+    },
     /// Drop the inactive table.
-    Clear { name: String },
-    Suspend { name: String },
-    Resume { name: String },
-    Remove { name: String, force: bool },
-    Rename { name: String, new_name: String },
+    Clear {
+        name: String,
+    },
+    Suspend {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    Remove {
+        name: String,
+        force: bool,
+    },
+    Rename {
+        name: String,
+        new_name: String,
+    },
     /// Status of one device or, with `None`, of all.
-    Status { name: Option<String> },
+    Status {
+        name: Option<String>,
+    },
     /// Table of one device or all; `inactive` for the loaded, not yet active one.
-    Table { name: Option<String>, inactive: bool },
-    Info { name: Option<String> },
+    Table {
+        name: Option<String>,
+        inactive: bool,
+    },
+    Info {
+        name: Option<String>,
+    },
     List,
     /// A message to the target of the segment holding `sector`.
-    Message { name: String, sector: u64, args: Vec<String> },
+    Message {
+        name: String,
+        sector: u64,
+        args: Vec<String>,
+    },
 }
 
 /// The daemon's answers.
@@ -63,13 +93,26 @@ pub enum Request {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Error { message: String },
-    Version { daemon: String, protocol: u32 },
-    Infos { devices: Vec<DeviceInfo> },
-    Tables { tables: Vec<DeviceTable> },
-    Statuses { devices: Vec<DeviceStatus> },
+    Error {
+        message: String,
+    },
+    Version {
+        daemon: String,
+        protocol: u32,
+    },
+    Infos {
+        devices: Vec<DeviceInfo>,
+    },
+    Tables {
+        tables: Vec<DeviceTable>,
+    },
+    Statuses {
+        devices: Vec<DeviceStatus>,
+    },
     /// A target's reply to a message.
-    Reply { text: String },
+    Reply {
+        text: String,
+    },
 }
 
 /// Device state as dmsetup shows it.

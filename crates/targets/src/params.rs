@@ -20,7 +20,8 @@ pub(crate) fn open_device(
     offset_sectors: u64,
     need_sectors: u64,
 ) -> Result<Arc<dyn BlockBackend>, TargetError> {
-    let be = FileBackend::open(Path::new(path)).map_err(|e| TargetError::Device { path: path.to_string(), source: e })?;
+    let be =
+        FileBackend::open(Path::new(path)).map_err(|e| TargetError::Device { path: path.to_string(), source: e })?;
     let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
     match end {
         Some(end) if end <= be.size() => Ok(Arc::new(be)),

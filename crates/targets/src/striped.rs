@@ -63,7 +63,11 @@ pub fn construct(_ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn T
     if a.len() as u64 != 2 + 2 * n {
         return Err(TargetError::params(
             T,
-            format!("expected {} parameters for {n} stripes (2 + <dev> <offset> per stripe), found {}", 2 + 2 * n, a.len()),
+            format!(
+                "expected {} parameters for {n} stripes (2 + <dev> <offset> per stripe), found {}",
+                2 + 2 * n,
+                a.len()
+            ),
         ));
     }
     let row = n * chunk;
@@ -121,7 +125,9 @@ impl Striped {
             Op::Flush => self.sync_all(),
             Op::Discard => self.for_each_piece(req.offset, req.len, |s, off, r| s.dev.discard(off, r.len() as u64)),
             Op::WriteZeroes { may_trim, fua } => {
-                self.for_each_piece(req.offset, req.len, |s, off, r| s.dev.write_zeroes(off, r.len() as u64, may_trim))?;
+                self.for_each_piece(req.offset, req.len, |s, off, r| {
+                    s.dev.write_zeroes(off, r.len() as u64, may_trim)
+                })?;
                 if fua {
                     self.sync_all()?;
                 }
@@ -186,7 +192,13 @@ mod tests {
     }
 
     fn seg(args: &[&str], len: u64) -> SegmentSpec {
-        SegmentSpec { start: 0, len, target: "striped".into(), args: args.iter().map(|s| s.to_string()).collect(), line: 1 }
+        SegmentSpec {
+            start: 0,
+            len,
+            target: "striped".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            line: 1,
+        }
     }
 
     fn ctx_build(s: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {

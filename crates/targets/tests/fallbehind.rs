@@ -63,7 +63,12 @@ fn forced_sync_at_threshold_and_back() {
         "mem".into(),
         None,
         vec![
-            SlinkSetup { nr: 0, handler: s0 as Arc<dyn SlinkHandler>, policy: async_, thresholds: Thresholds::default() },
+            SlinkSetup {
+                nr: 0,
+                handler: s0 as Arc<dyn SlinkHandler>,
+                policy: async_,
+                thresholds: Thresholds::default(),
+            },
             SlinkSetup {
                 nr: 1,
                 handler: s1 as Arc<dyn SlinkHandler>,
@@ -96,11 +101,18 @@ fn forced_sync_at_threshold_and_back() {
     for i in 0..total {
         let block = (i * 7919) % (DEV / 4096);
         let data = vec![(i % 251) as u8; 4096];
-        group.submit_write(0, Request::new(Op::Write { fua: false }, block * 4096, 4096, data, i), Completion::new(sink.clone()));
+        group.submit_write(
+            0,
+            Request::new(Op::Write { fua: false }, block * 4096, 4096, data, i),
+            Completion::new(sink.clone()),
+        );
         // Keep up to 64 writes in flight, like a client at queue depth 64.
         assert!(wait_until(Duration::from_secs(30), || i + 1 - sink.done.load(Ordering::SeqCst) < 64));
     }
-    assert!(wait_until(Duration::from_secs(60), || sink.done.load(Ordering::SeqCst) == total), "writes did not complete");
+    assert!(
+        wait_until(Duration::from_secs(60), || sink.done.load(Ordering::SeqCst) == total),
+        "writes did not complete"
+    );
     assert_eq!(sink.failed.load(Ordering::SeqCst), 0);
     assert!(wait_until(Duration::from_secs(60), || group.outstanding(1) == Some(0)), "slink 1 did not drain");
     stop.store(true, Ordering::SeqCst);
@@ -153,7 +165,11 @@ fn synchronous_slink_has_the_write_at_acknowledgement() {
     .unwrap();
     for i in 0..50u64 {
         let w = Arc::new(dmrep_core::device::WaitSink::default());
-        group.submit_write(0, Request::new(Op::Write { fua: false }, i * 4096, 4096, vec![i as u8 + 1; 4096], i), Completion::new(w.clone()));
+        group.submit_write(
+            0,
+            Request::new(Op::Write { fua: false }, i * 4096, 4096, vec![i as u8 + 1; 4096], i),
+            Completion::new(w.clone()),
+        );
         let (_, r) = w.wait();
         r.unwrap();
         // Acknowledged: durable on the synchronous RD already.

@@ -8,6 +8,7 @@
 //! - [`slink`]: the SLINK handler trait and its transports.
 //! - [`target`]: the `replicator` (control) and `replicator-dev` targets.
 
+pub mod dirty;
 pub mod fallbehind;
 pub mod group;
 pub mod log;

@@ -24,6 +24,9 @@ use dmrep_formats::replicator_table::{
 use dmrep_formats::table::SegmentSpec;
 use parking_lot::Mutex;
 
+use super::dirty::core::CoreLog;
+use super::dirty::disk::DiskLog;
+use super::dirty::DirtyLog;
 use super::fallbehind::{Policy, Thresholds};
 use super::group::{Group, SlinkSetup, MAX_ENTRY_DATA};
 use super::log::RingLog;
@@ -45,6 +48,8 @@ pub struct GroupHandle {
     group: Mutex<Option<Arc<Group>>>,
     /// Paths attached by the paper form, per (slink, dev_nr).
     declared: Vec<(u32, u32, String)>,
+    /// The log was created (not recovered) when the group started.
+    fresh_log: bool,
 }
 
 impl GroupHandle {
@@ -61,26 +66,31 @@ pub fn thresholds_of(f: &dmrep_formats::replicator_table::FallBehind) -> Thresho
     Thresholds { ios: f.ios, bytes: f.size_bytes, timeout: f.timeout_ms.map(Duration::from_millis) }
 }
 
-/// Refuse what this build cannot do yet, with a clear word, before opening anything.
-fn check_supported(replicas: &[ReplicaSpec]) -> Result<(), TargetError> {
-    for r in replicas {
-        match &r.dirty_log {
-            DirtyLogSpec::None | DirtyLogSpec::Core { sync: false, .. } => {}
-            DirtyLogSpec::Core { sync: true, .. } | DirtyLogSpec::Disk { .. } => {
-                return Err(TargetError::params(
-                    T,
-                    format!(
-                        "slink {} device {}: dirty log \"{} ... sync\"/\"disk\" needs initial/region resync, \
-                         which this build does not have yet; copy the device first and use \"core 2 <region> nosync\"",
-                        r.slink_nr,
-                        r.path,
-                        r.dirty_log.name()
-                    ),
-                ));
-            }
+/// Build the dirty log of a replica and attach it to the group. A `sync` dirty log
+/// starts all dirty (initial full copy) when the RD is new to the group: the log was
+/// created now, or (disk) the dirty log file was formatted now.
+fn attach_dirty(
+    group: &Group,
+    dev_nr: u32,
+    r: &ReplicaSpec,
+    dev_bytes: u64,
+    fresh_log: bool,
+) -> Result<(), TargetError> {
+    let (log, initial): (Arc<dyn DirtyLog>, bool) = match &r.dirty_log {
+        DirtyLogSpec::None => return Ok(()),
+        DirtyLogSpec::Core { region_sectors, sync } => {
+            (Arc::new(CoreLog::new(dev_bytes, sectors_to_bytes(*region_sectors))), *sync && fresh_log)
         }
-    }
-    Ok(())
+        DirtyLogSpec::Disk { path, region_sectors, sync } => {
+            // A freshly formatted `sync` log starts all dirty; an existing one is trusted.
+            let (l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
+                .map_err(|e| TargetError::params(T, e.to_string()))?;
+            (Arc::new(l), false)
+        }
+    };
+    group
+        .attach_dirty_log(r.slink_nr as u16, dev_nr, log, dev_bytes, initial)
+        .map_err(|e| TargetError::Device { path: r.path.clone(), source: e })
 }
 
 pub struct ReplicatorTarget {
@@ -103,7 +113,6 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         }
     }
     for d in &spec.devices {
-        check_supported(&d.replicas)?;
         for s in &spec.slinks {
             if !d.replicas.iter().any(|r| r.slink_nr == s.nr) {
                 return Err(TargetError::params(T, format!("device {}: no device on slink {}", d.dev_nr, s.nr)));
@@ -118,14 +127,18 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     let start = sectors_to_bytes(spec.log.start_sector);
     let key = (canon, start);
     if !open_logs().lock().insert(key.clone()) {
-        return Err(TargetError::params(T, format!("replication log {lpath} at sector {} is in use by another group", spec.log.start_sector)));
+        return Err(TargetError::params(
+            T,
+            format!("replication log {lpath} at sector {} is in use by another group", spec.log.start_sector),
+        ));
     }
     let release = |e: TargetError| {
         open_logs().lock().remove(&key);
         e
     };
     let backend: Arc<dyn BlockBackend> = Arc::new(
-        FileBackend::open(Path::new(lpath)).map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?,
+        FileBackend::open(Path::new(lpath))
+            .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?,
     );
     let size = match spec.log.size_sectors {
         Some(s) => sectors_to_bytes(s),
@@ -134,7 +147,12 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     if start + size > backend.size() && spec.log.open_mode != OpenMode::Open {
         return Err(release(TargetError::params(
             T,
-            format!("replication log {lpath}: {} sectors from sector {} do not fit in its {} sectors", size / 512, start / 512, backend.size() / 512),
+            format!(
+                "replication log {lpath}: {} sectors from sector {} do not fit in its {} sectors",
+                size / 512,
+                start / 512,
+                backend.size() / 512
+            ),
         )));
     }
     let log_err = |e: super::log::LogError| release(TargetError::params(T, format!("replication log {lpath}: {e}")));
@@ -177,9 +195,18 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             thresholds: thresholds_of(&s.fallbehind),
         });
     }
+    let fresh_log = recovery.is_none();
     let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups)
         .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?;
-    let handle = Arc::new(GroupHandle { group: Mutex::new(Some(group.clone())), declared });
+    for d in &spec.devices {
+        for r in &d.replicas {
+            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log) {
+                group.shutdown();
+                return Err(release(e));
+            }
+        }
+    }
+    let handle = Arc::new(GroupHandle { group: Mutex::new(Some(group.clone())), declared, fresh_log });
     ctx.devices.publish(ctx.device_name, handle.clone());
     Ok(Arc::new(ReplicatorTarget {
         name: ctx.device_name.to_string(),
@@ -219,7 +246,17 @@ impl Target for ReplicatorTarget {
                 s.outstanding_bytes,
                 s.oldest_outstanding_ms.unwrap_or(0),
                 if s.accessible { "up" } else { "down" },
-                if s.paused { ",paused" } else { "" }
+                match (s.paused, s.sync.ordered) {
+                    (true, true) => ",paused".to_string(),
+                    (false, true) => String::new(),
+                    (p, false) => format!(
+                        "{},{} {}/{} dirty",
+                        if p { ",paused" } else { "" },
+                        s.sync.state,
+                        s.sync.dirty_regions,
+                        s.sync.regions
+                    ),
+                }
             ));
         }
         line.push_str(&format!(
@@ -240,6 +277,14 @@ impl Target for ReplicatorTarget {
             ["start" | "resume", rest @ ..] if rest.is_empty() || rest == ["all"] => {
                 self.group.set_shipping(true);
                 Ok("shipping started".into())
+            }
+            ["slink", nr, "resync-rate", rate] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                let rate: u64 = rate.parse().map_err(|_| {
+                    err(format!("resync-rate: expected bytes per second (0 = unlimited), found {rate:?}"))
+                })?;
+                self.group.set_resync_rate(nr, rate).map_err(err)?;
+                Ok(format!("slink {nr} resync-rate {rate}"))
             }
             ["slink", nr, op @ ("pause" | "resume")] => {
                 let nr = parse_slink(nr).map_err(err)?;
@@ -277,7 +322,8 @@ impl Target for ReplicatorTarget {
             }
             _ => Err(err(format!(
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
-                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>, slink <nr> pause|resume)",
+                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>, slink <nr> pause|resume, \
+                 slink <nr> resync-rate <bytes/s>)",
                 args.join(" ")
             ))),
         }
@@ -293,7 +339,10 @@ impl Target for ReplicatorTarget {
                     dev_nr: d.dev_nr,
                     replicas: d.replicas.clone(),
                 };
-                (format!("{}-{}", self.name, d.dev_nr), format!("0 {} {} {}\n", self.len_sectors, TD, dev.to_args().join(" ")))
+                (
+                    format!("{}-{}", self.name, d.dev_nr),
+                    format!("0 {} {} {}\n", self.len_sectors, TD, dev.to_args().join(" ")),
+                )
             })
             .collect()
     }
@@ -315,14 +364,15 @@ pub struct ReplicatorDev {
     dev_nr: u32,
     attached: Vec<u16>,
     replicas: Vec<ReplicaSpec>,
-    len: u64,
 }
 
 pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
     let spec = parse_replicator_dev(&seg.args).map_err(|e| TargetError::params(TD, e.to_string()))?;
-    check_supported(&spec.replicas)?;
     let handle = ctx.devices.lookup::<GroupHandle>(&spec.control).ok_or_else(|| {
-        TargetError::params(TD, format!("control device {:?} not found (create its replicator table first)", spec.control))
+        TargetError::params(
+            TD,
+            format!("control device {:?} not found (create its replicator table first)", spec.control),
+        )
     })?;
     let group = handle
         .group()
@@ -330,7 +380,10 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
     let len = sectors_to_bytes(seg.len);
     for nr in group.slink_numbers() {
         if !spec.replicas.iter().any(|r| r.slink_nr == nr as u32) {
-            return Err(TargetError::params(TD, format!("device {}: no device on slink {nr} of group {}", spec.dev_nr, spec.control)));
+            return Err(TargetError::params(
+                TD,
+                format!("device {}: no device on slink {nr} of group {}", spec.dev_nr, spec.control),
+            ));
         }
     }
     let mut attached = Vec::new();
@@ -343,7 +396,10 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
             if h.has_device(spec.dev_nr) {
                 return Err(TargetError::params(
                     TD,
-                    format!("device {} on slink {} is already attached to group {}", spec.dev_nr, r.slink_nr, spec.control),
+                    format!(
+                        "device {} on slink {} is already attached to group {}",
+                        spec.dev_nr, r.slink_nr, spec.control
+                    ),
                 ));
             }
             if let Err(e) = h.attach(spec.dev_nr, &r.path, len) {
@@ -355,10 +411,19 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                 return Err(e);
             }
             attached.push(r.slink_nr as u16);
+            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log) {
+                for nr in &attached {
+                    if let Some(h) = group.handler(*nr) {
+                        h.detach(spec.dev_nr);
+                    }
+                    group.detach_dirty_log(*nr, spec.dev_nr);
+                }
+                return Err(e);
+            }
         }
     }
     group.kick();
-    Ok(Arc::new(ReplicatorDev { group, dev_nr: spec.dev_nr, attached, replicas: spec.replicas, len }))
+    Ok(Arc::new(ReplicatorDev { group, dev_nr: spec.dev_nr, attached, replicas: spec.replicas }))
 }
 
 impl Target for ReplicatorDev {
@@ -389,20 +454,24 @@ impl Target for ReplicatorDev {
         for r in &self.replicas {
             let s = st.slinks.iter().find(|s| s.slink as u32 == r.slink_nr);
             let acc = s.map(|s| s.accessible).unwrap_or(false);
-            let (insync, total) = match r.dirty_log.region_sectors() {
-                Some(reg) => {
-                    let total = self.len.div_ceil(sectors_to_bytes(reg));
-                    (total, total)
-                }
+            let (insync, total) = match self.group.device_regions(r.slink_nr as u16, self.dev_nr) {
+                Some((dirty, total)) => (total - dirty, total),
                 None => (0, 0),
             };
+            let ordered = self.group.is_ordered(r.slink_nr as u16);
+            let resyncing = s.is_some_and(|s| s.sync.state == "resyncing");
             if !line.is_empty() {
                 line.push(' ');
             }
             if r.slink_nr == 0 {
                 line.push_str(&format!("0:{},-", if acc { "A" } else { "D" }));
             } else {
-                line.push_str(&format!("{}:{},{insync}/{total}", r.slink_nr, if acc { "A" } else { "D" }));
+                line.push_str(&format!(
+                    "{}:{},{insync}{}/{total}",
+                    r.slink_nr,
+                    if acc { "A" } else { "D" },
+                    if resyncing { "+" } else { "" }
+                ));
             }
             slinks.push(serde_json::json!({
                 "slink": r.slink_nr,
@@ -411,7 +480,8 @@ impl Target for ReplicatorDev {
                 "dirty_log": r.dirty_log.name(),
                 "regions_in_sync": insync,
                 "regions": total,
-                "write_order_consistent": true,
+                "write_order_consistent": ordered,
+                "resyncing": resyncing,
             }));
         }
         TargetStatus::new(line, serde_json::json!({ "group": st.group, "dev_nr": self.dev_nr, "slinks": slinks }))

@@ -79,6 +79,10 @@ impl SlinkHandler for LocalSlink {
         self.devs.read().contains_key(&dev_nr)
     }
 
+    fn devices(&self) -> Vec<u32> {
+        self.devs.read().keys().copied().collect()
+    }
+
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
         let mut touched = BTreeSet::new();
         for e in entries {

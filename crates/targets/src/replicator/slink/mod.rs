@@ -36,6 +36,9 @@ pub trait SlinkHandler: Send + Sync {
     /// Whether device `dev_nr` is attached.
     fn has_device(&self, dev_nr: u32) -> bool;
 
+    /// The attached devices.
+    fn devices(&self) -> Vec<u32>;
+
     /// Apply one epoch of entries, in the given order, and make them durable at the
     /// site before returning. Entries of one epoch were concurrent writes, so the
     /// handler may reorder or parallelise them; it must not start another epoch

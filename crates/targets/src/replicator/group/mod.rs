@@ -23,10 +23,14 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::dirty::DirtyLog;
 use super::fallbehind::{self, Lag, Mode, Policy, Thresholds};
 use super::log::{EntryKind, EntryMeta, LogStats, NewEntry, RecoveryReport, RingLog, SlinkSet};
 use super::overlay::Overlay;
 use super::slink::{ApplyEntry, SlinkHandler};
+
+mod resync;
+pub use resync::ResyncStatus;
 
 /// Largest data of one log entry. Bigger writes are split into entries of this size
 /// (they may land in different epochs: a single write has no order within itself).
@@ -112,6 +116,12 @@ struct SlinkRt {
     waiting_for_device: Option<u32>,
     /// Operator pause (`slink <nr> pause`): entries queue in the log, nothing ships.
     paused: bool,
+    /// In ordered (log) mode. Off: the SLINK's RDs are out of sync; new writes mark
+    /// dirty regions and the resync copies them (DESIGN invariant 5).
+    ordered: bool,
+    /// Bumped on every ordered/dirty transition: a copier's result from before is void.
+    gen: u64,
+    resync: resync::ResyncState,
     applied_entries: u64,
     applied_bytes: u64,
     /// Epoch slices applied, and time spent applying them and persisting the cursor (µs).
@@ -121,6 +131,14 @@ struct SlinkRt {
 }
 
 impl SlinkRt {
+    /// Whether writes may wait for this SLINK: it is in ordered mode and either
+    /// synchronous by policy (then an outage stalls writes: DESIGN invariant 1) or
+    /// reachable and not paused (an unreachable asynchronous SLINK does not throttle:
+    /// its entries wait in the log, and it leaves ordered mode if the log fills).
+    fn throttles(&self) -> bool {
+        self.ordered && (self.policy.synchronous || (self.accessible && !self.paused))
+    }
+
     fn lag(&self, now: Instant) -> Lag {
         Lag {
             ios: self.outstanding.len() as u64,
@@ -156,6 +174,12 @@ struct State {
     shipping: bool,
     stats: Stats,
     log_error: Option<String>,
+    /// Dirty logs by (slink, dev_nr), with the device's size in bytes.
+    dirty: BTreeMap<(u16, u32), (Arc<dyn DirtyLog>, u64)>,
+    /// Regions written since the resync of that region started: (slink, dev_nr, region).
+    touched: BTreeSet<(u16, u32, u64)>,
+    /// Regions the resync is copying now: (slink, dev_nr, region).
+    in_copy: BTreeSet<(u16, u32, u64)>,
 }
 
 pub(crate) struct Inner {
@@ -164,6 +188,9 @@ pub(crate) struct Inner {
     pub log_path: String,
     handlers: BTreeMap<u16, Arc<dyn SlinkHandler>>,
     st: Mutex<State>,
+    /// Serialises "mark regions dirty + publish the write" against "check + clear a
+    /// resynced region" (taken before `st`).
+    dirty_lock: Mutex<()>,
     appender_cv: Condvar,
     copier_cv: Condvar,
     pub recovery: Option<RecoveryReport>,
@@ -192,9 +219,17 @@ impl Group {
         let now = Instant::now();
         let mut rts = BTreeMap::new();
         let mut handlers = BTreeMap::new();
+        let fresh = recovery.is_none();
         for s in slinks {
-            if log.cursor(s.nr).is_none() {
+            // A fresh log starts every SLINK in ordered mode. A reopened log keeps what
+            // it says: an SLINK without a cursor had left ordered mode (or is new) and
+            // needs a resync of its dirty regions. SLINK 0 is always ordered.
+            if log.cursor(s.nr).is_none() && (fresh || s.nr == 0) {
                 log.register_slink(s.nr).map_err(io::Error::other)?;
+            }
+            let ordered = log.cursor(s.nr).is_some();
+            if !ordered {
+                warn!(group = name, slink = s.nr, "slink is not in ordered mode: its devices will be resynchronised");
             }
             let applied = log.cursor(s.nr).unwrap_or(0);
             rts.insert(
@@ -213,6 +248,9 @@ impl Group {
                     last_error: None,
                     waiting_for_device: None,
                     paused: false,
+                    ordered,
+                    gen: 0,
+                    resync: resync::ResyncState::default(),
                     applied_entries: 0,
                     applied_bytes: 0,
                     applies: 0,
@@ -257,7 +295,11 @@ impl Group {
                 shipping: true,
                 stats: Stats::default(),
                 log_error: None,
+                dirty: BTreeMap::new(),
+                touched: BTreeSet::new(),
+                in_copy: BTreeSet::new(),
             }),
+            dirty_lock: Mutex::new(()),
             appender_cv: Condvar::new(),
             copier_cv: Condvar::new(),
             recovery,
@@ -313,12 +355,19 @@ impl Group {
 
     /// Read from device `dev_nr`: the LD, overlaid with entries not yet on it.
     pub fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let ld = self.inner.handlers.get(&0).ok_or_else(|| errno(6))?.clone();
+        self.inner.read(dev_nr, offset, buf)
+    }
+}
+
+impl Inner {
+    /// Read from device `dev_nr`: the LD, overlaid with entries not yet on it.
+    fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let ld = self.handlers.get(&0).ok_or_else(|| errno(6))?.clone();
         // An entry read back from the log may have been applied and its space reused
         // in the meantime (crc mismatch): then the LD has it, so try again.
         for _ in 0..8 {
             let pending: Vec<(EntryMeta, Option<Chunk>)> = {
-                let mut st = self.inner.st.lock();
+                let mut st = self.st.lock();
                 if st.stats.enabled {
                     st.stats.reads += 1;
                 }
@@ -345,7 +394,7 @@ impl Group {
                         Some(c) => dst.copy_from_slice(&c.bytes()[src_off..src_off + dst.len()]),
                         None => {
                             let mut data = vec![0u8; e.len as usize];
-                            if self.inner.log.read_data(&e, &mut data).is_err() {
+                            if self.log.read_data(&e, &mut data).is_err() {
                                 ok = false;
                                 break;
                             }
@@ -361,7 +410,9 @@ impl Group {
         }
         Err(errno(5))
     }
+}
 
+impl Group {
     /// Stop the threads. Queued writes fail with ESHUTDOWN; awaiting ones too (their
     /// entries are in the log and will be shipped after a restart).
     pub fn shutdown(&self) {
@@ -471,6 +522,7 @@ impl Group {
                     waiting_for_device: rt.waiting_for_device,
                     shipping: (*nr == 0 || st.shipping) && !rt.paused,
                     paused: rt.paused,
+                    sync: resync::status(&st, *nr),
                     applied_entries: rt.applied_entries,
                     applied_bytes: rt.applied_bytes,
                     applies: rt.applies,
@@ -523,6 +575,7 @@ pub struct SlinkStatus {
     pub waiting_for_device: Option<u32>,
     pub shipping: bool,
     pub paused: bool,
+    pub sync: ResyncStatus,
     pub applied_entries: u64,
     pub applied_bytes: u64,
     pub applies: u64,
@@ -597,7 +650,7 @@ fn plan(st: &mut State, now: Instant) -> Option<(Vec<Pending>, Vec<Slice>)> {
         }
     }
     let mut admit = sizes.len();
-    for rt in st.slinks.values() {
+    for rt in st.slinks.values().filter(|rt| rt.throttles()) {
         let lag = rt.lag(now);
         admit = admit.min(fallbehind::admit(&rt.policy, &rt.thresholds, &lag, sizes.iter().map(|s| s.0)));
     }
@@ -628,29 +681,36 @@ fn plan(st: &mut State, now: Instant) -> Option<(Vec<Pending>, Vec<Slice>)> {
 
 fn appender(inner: Arc<Inner>) {
     loop {
-        let (mut pendings, slices, waits, slinks) = {
+        let (mut pendings, slices, waits, slinks, unordered) = {
             let mut st = inner.st.lock();
             let planned = loop {
                 if st.shutdown {
                     return;
                 }
+                resync::maybe_reorder(&inner, &mut st);
                 if let Some(p) = plan(&mut st, Instant::now()) {
                     break p;
                 }
                 inner.appender_cv.wait_for(&mut st, TICK);
             };
             let now = Instant::now();
-            // Every SLINK of the group needs the new entries.
+            // Every SLINK in ordered mode needs the new entries; the others get their
+            // regions marked dirty instead.
             let mut set = SlinkSet::default();
             let mut waits = BTreeSet::new();
+            let mut unordered = Vec::new();
             for (nr, rt) in st.slinks.iter_mut() {
+                if !rt.ordered {
+                    unordered.push(*nr);
+                    continue;
+                }
                 set.insert(*nr);
                 update_mode(&inner.name, *nr, rt, now);
-                if rt.mode.waits() {
+                if rt.throttles() && rt.mode.waits() {
                     waits.insert(*nr);
                 }
             }
-            (planned.0, planned.1, waits, set)
+            (planned.0, planned.1, waits, set, unordered)
         };
         let entries: Vec<NewEntry<'_>> = slices
             .iter()
@@ -658,7 +718,9 @@ fn appender(inner: Arc<Inner>) {
                 let p = &pendings[s.p];
                 let kind = entry_kind(p.req.op);
                 let data: &[u8] = match kind {
-                    EntryKind::Write => &p.data.as_ref().expect("planned")[s.start as usize..(s.start + s.len) as usize],
+                    EntryKind::Write => {
+                        &p.data.as_ref().expect("planned")[s.start as usize..(s.start + s.len) as usize]
+                    }
                     _ => &[],
                 };
                 NewEntry { dev_nr: p.dev_nr, offset: p.req.offset + s.start, kind, len: s.len as u32, data, slinks }
@@ -670,16 +732,33 @@ fn appender(inner: Arc<Inner>) {
         drop(entries);
         inner.st.lock().stats.append_us += append_us;
         match result {
-            Ok(metas) => finish_append(&inner, pendings, &slices, metas, &waits),
+            Ok(metas) => {
+                // SLINKs out of ordered mode: their regions are durably dirty before
+                // the write is acknowledged, and published with the write (under the
+                // dirty lock) so that a resync of the region cannot miss it.
+                let _d = inner.dirty_lock.lock();
+                if let Err(e) = resync::mark_written(&inner, &unordered, &metas) {
+                    warn!(group = %inner.name, "marking dirty regions failed: {e}");
+                    inner.st.lock().log_error = Some(format!("dirty log: {e}"));
+                    for p in pendings {
+                        p.done.complete(p.req, Err(errno(5)));
+                    }
+                    continue;
+                }
+                finish_append(&inner, pendings, &slices, metas, &waits, &unordered)
+            }
             Err(super::log::LogError::Full { .. }) => {
-                // Nothing was written: put the writes back, in order, and wait for the
-                // copiers to free space.
+                // Nothing was written: put the writes back, in order. An SLINK holding
+                // the log that may leave ordered mode does so; else wait for copiers.
+                let switched = resync::leave_ordered_for_space(&inner);
                 let mut st = inner.st.lock();
                 st.stats.log_full_waits += 1;
                 for p in pendings.drain(..).rev() {
                     st.queue.push_front(p);
                 }
-                inner.appender_cv.wait_for(&mut st, TICK);
+                if !switched {
+                    inner.appender_cv.wait_for(&mut st, TICK);
+                }
             }
             Err(e) => {
                 warn!(group = %inner.name, "replication log append failed: {e}");
@@ -695,10 +774,18 @@ fn appender(inner: Arc<Inner>) {
 }
 
 /// Record appended entries, acknowledge what may be acknowledged.
-fn finish_append(inner: &Inner, pendings: Vec<Pending>, slices: &[Slice], metas: Vec<EntryMeta>, waits: &BTreeSet<u16>) {
+fn finish_append(
+    inner: &Inner,
+    pendings: Vec<Pending>,
+    slices: &[Slice],
+    metas: Vec<EntryMeta>,
+    waits: &BTreeSet<u16>,
+    unordered: &[u16],
+) {
     let now = Instant::now();
     let mut ready = Vec::new();
     let mut st = inner.st.lock();
+    resync::touch(&mut st, unordered, &metas);
     st.stats.batches += 1;
     st.stats.entries += metas.len() as u64;
     let mut last_seq: Vec<u64> = vec![0; pendings.len()];
@@ -748,7 +835,8 @@ fn finish_append(inner: &Inner, pendings: Vec<Pending>, slices: &[Slice], metas:
 
 /// What a copier does next.
 enum Work {
-    Apply(Vec<(EntryMeta, Option<Chunk>)>),
+    Apply(u64, Vec<(EntryMeta, Option<Chunk>)>),
+    Resync,
     Probe,
 }
 
@@ -775,7 +863,12 @@ impl CursorPipe {
         let thread = std::thread::Builder::new().name(format!("{}-cursor{nr}", inner.name)).spawn(move || {
             for seq in rx {
                 let t0 = Instant::now();
-                let r = inner.log.set_cursors(&[(nr, seq)]).map_err(|e| e.to_string());
+                let r = match inner.log.set_cursors(&[(nr, seq)]) {
+                    // The SLINK left (and maybe re-entered) ordered mode since: the
+                    // persisted state already moved past this cursor.
+                    Err(super::log::LogError::UnknownSlink(_) | super::log::LogError::CursorBackwards { .. }) => Ok(()),
+                    r => r.map_err(|e| e.to_string()),
+                };
                 if let Some(rt) = inner.st.lock().slinks.get_mut(&nr) {
                     rt.cursor_us += t0.elapsed().as_micros() as u64;
                 }
@@ -841,9 +934,11 @@ fn copier(inner: Arc<Inner>, nr: u16) {
                     if Instant::now() >= next_probe {
                         break Work::Probe;
                     }
+                } else if shipping && !rt.ordered && !rt.resync.done {
+                    break Work::Resync;
                 } else if shipping && !rt.outstanding.is_empty() {
                     if let Some(w) = next_epoch(&inner, &mut st, nr, &*handler) {
-                        break Work::Apply(w);
+                        break Work::Apply(st.slinks[&nr].gen, w);
                     }
                 }
                 inner.copier_cv.wait_for(&mut st, TICK);
@@ -865,8 +960,21 @@ fn copier(inner: Arc<Inner>, nr: u16) {
                     inner.st.lock().slinks.get_mut(&nr).expect("slink").last_error = Some(e.to_string());
                 }
             },
-            Work::Apply(batch) => match apply(&inner, nr, &*handler, batch) {
-                Ok(last) => {
+            Work::Resync => {
+                if let Err(e) = resync::step(&inner, nr, &*handler) {
+                    warn!(group = %inner.name, slink = nr, "resync failed, marking inaccessible: {e}");
+                    let mut st = inner.st.lock();
+                    let rt = st.slinks.get_mut(&nr).expect("slink");
+                    rt.accessible = false;
+                    rt.down_since = Some(SystemTime::now());
+                    rt.last_error = Some(e.to_string());
+                    backoff = PROBE_MIN;
+                    next_probe = Instant::now() + backoff;
+                }
+            }
+            Work::Apply(gen, batch) => match apply(&inner, nr, &*handler, gen, batch) {
+                Ok(None) => {}
+                Ok(Some(last)) => {
                     if let Err(e) = cursor.persist(last) {
                         warn!(group = %inner.name, slink = nr, "persisting the slink cursor failed: {e}");
                         inner.st.lock().log_error = Some(format!("persisting slink {nr} cursor: {e}"));
@@ -927,7 +1035,13 @@ fn next_epoch(
 
 /// Apply entries to the site (durably), then account and acknowledge. Returns the last
 /// seq applied; the caller persists it as the SLINK's cursor.
-fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMeta, Option<Chunk>)>) -> io::Result<u64> {
+fn apply(
+    inner: &Inner,
+    nr: u16,
+    handler: &dyn SlinkHandler,
+    gen: u64,
+    batch: Vec<(EntryMeta, Option<Chunk>)>,
+) -> io::Result<Option<u64>> {
     // Entries not in the cache are read back from the log.
     let mut owned: Vec<Option<Vec<u8>>> = Vec::with_capacity(batch.len());
     for (m, c) in &batch {
@@ -963,6 +1077,10 @@ fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMe
     let mut ready = Vec::new();
     let mut st = inner.st.lock();
     let rt = st.slinks.get_mut(&nr).expect("slink");
+    if rt.gen != gen {
+        // The SLINK left ordered mode meanwhile: these entries are dirty regions now.
+        return Ok(None);
+    }
     rt.applied = last;
     rt.applies += 1;
     rt.apply_us += (t1 - t0).as_micros() as u64;
@@ -1004,5 +1122,5 @@ fn apply(inner: &Inner, nr: u16, handler: &dyn SlinkHandler, batch: Vec<(EntryMe
     for (req, done) in ready {
         done.complete(req, Ok(()));
     }
-    Ok(last)
+    Ok(Some(last))
 }
