@@ -50,7 +50,9 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Command::Ls { json } => (Request::List, json),
         Command::Message { name, sector, message } => (Request::Message { name, sector, args: message }, false),
         Command::Version { json } => (Request::Version, json),
-        Command::Daemon(_) | Command::Demo(_) | Command::Log(_) => unreachable!("handled in main"),
+        Command::Daemon(_) | Command::Demo(_) | Command::Log(_) | Command::Wait { .. } => {
+            unreachable!("handled in main")
+        }
     };
     let is_list = matches!(request, Request::List);
     let path = dmrep_control::control_path(control);
@@ -119,4 +121,86 @@ pub fn log(cmd: crate::LogCommand) -> Result<()> {
         bail!("log {} needs recovery (see above)", args.path.display());
     }
     Ok(())
+}
+
+/// The status detail of the replicator segment of `name`, following a replicator-dev
+/// to its control device.
+fn group_detail(client: &mut Client, name: &str) -> Result<serde_json::Value> {
+    let mut name = name.to_string();
+    for _ in 0..2 {
+        let Response::Statuses { devices } = client.call(Request::Status { name: Some(name.clone()) })? else {
+            bail!("unexpected answer to status");
+        };
+        let seg = devices.first().and_then(|d| d.segments.first()).context("device has no table")?;
+        match seg.target.as_str() {
+            "replicator" => return Ok(seg.detail.clone()),
+            "replicator-dev" => name = seg.detail["group"].as_str().context("no group in status")?.to_string(),
+            other => bail!("{name} is a {other} device, not part of a replicated group"),
+        }
+    }
+    bail!("{name}: cannot find its replicator control device")
+}
+
+/// `dmrep wait`: poll the group's status until it is in sync.
+pub fn wait(control: Option<PathBuf>, name: &str, resync_only: bool, timeout: Option<u64>) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let mut client = Client::connect(&dmrep_control::control_path(control))?;
+    let start = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_print = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    loop {
+        let d = group_detail(&mut client, name)?;
+        let slinks = d["slinks"].as_array().cloned().unwrap_or_default();
+        let (mut dirty, mut regions, mut outstanding, mut rate, mut unordered) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut eta: Option<u64> = None;
+        for s in &slinks {
+            let sy = &s["sync"];
+            if sy["ordered"].as_bool() == Some(false) {
+                unordered += 1;
+                dirty += sy["dirty_regions"].as_u64().unwrap_or(0);
+                regions += sy["regions"].as_u64().unwrap_or(0);
+                rate += sy["rate_bytes_per_s"].as_u64().unwrap_or(0);
+                if let Some(e) = sy["eta_s"].as_u64() {
+                    eta = Some(eta.unwrap_or(0).max(e));
+                }
+            }
+            outstanding += s["outstanding_ios"].as_u64().unwrap_or(0);
+        }
+        let done = unordered == 0 && (resync_only || outstanding == 0);
+        let line = if unordered > 0 {
+            let frac = if regions > 0 { 1.0 - dirty as f64 / regions as f64 } else { 0.0 };
+            let bar: String = (0..30).map(|i| if (i as f64) < frac * 30.0 { '#' } else { '.' }).collect();
+            format!(
+                "resync [{bar}] {:5.1}%  {} of {} regions dirty  {:.1} MiB/s  ETA {}",
+                frac * 100.0,
+                dirty,
+                regions,
+                rate as f64 / 1048576.0,
+                eta.map(|e| format!("{e}s")).unwrap_or_else(|| "?".into())
+            )
+        } else {
+            format!("catching up: {outstanding} entries outstanding")
+        };
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+            let _ = std::io::stderr().flush();
+        } else if done || last_print.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("{line}");
+            last_print = std::time::Instant::now();
+        }
+        if done {
+            if tty {
+                eprintln!();
+            }
+            println!("{name}: in sync");
+            return Ok(());
+        }
+        if timeout.is_some_and(|t| start.elapsed().as_secs() >= t) {
+            if tty {
+                eprintln!();
+            }
+            bail!("{name}: not in sync after {}s", timeout.unwrap_or(0));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

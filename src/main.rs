@@ -94,6 +94,19 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         message: Vec<String>,
     },
+    /// Block until a replicated group is in sync: every SLINK in ordered mode with
+    /// nothing outstanding (with --resync: only until every resync has ended). Shows
+    /// progress: a bar on a terminal, a line per second otherwise.
+    Wait {
+        /// A replicator control device or one of its replicator-dev devices.
+        name: String,
+        /// Only wait for resynchronisation to end (not for the log backlog to drain).
+        #[arg(long)]
+        resync: bool,
+        /// Give up after this many seconds (exit status 1).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// Versions of this CLI, the daemon and the control protocol.
     Version {
         #[arg(long)]
@@ -131,6 +144,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => run_daemon::run(args, cli.control),
         Command::Demo(args) => demo::run(args),
         Command::Log(cmd) => commands::log(cmd),
+        Command::Wait { name, resync, timeout } => commands::wait(cli.control, &name, resync, timeout),
         other => commands::run(other, cli.control),
     };
     match result {

@@ -374,22 +374,34 @@ fn refused_tables_leave_the_log_untouched() {
     make_files(&d);
     let dir = d.dir();
     let small_rd = d.make_file_s("small.rd", SECTORS * 512 / 2);
-    let l = log_line(dir);
     let ld0 = ld(dir, 0, "lvol0");
-    let log = d.path("replog");
-    let untouched = |what: &str| {
-        let b = std::fs::read(&log).unwrap();
-        let nz = b.iter().filter(|&&x| x != 0).count();
-        assert_eq!(nz, 0, "{what}: the refused table wrote {nz} non-zero bytes into the replication log");
-    };
-    for (what, rest) in [
-        ("an RD smaller than the device", format!("{ld0} local 2 1 asynchronous 2 0 {small_rd} core 2 2048 nosync")),
-        ("a dev_nr with no LD", format!("{ld0} {}", rd(dir, 1, 1, "sdd"))),
-        ("an RD without a dirty log", format!("{ld0} local 2 1 asynchronous 2 0 {} - 0", dir.join("sdz").display())),
-    ] {
-        d.cli_err(&["create", "bad", "--table", &one_line(&format!("0 {SECTORS} replicator {l} {rest}"))]);
-        untouched(what);
+    let rd1 = rd(dir, 1, 0, "sdz");
+    let cases = [
+        (
+            "an RD smaller than the device",
+            "65536",
+            format!("{ld0} local 2 1 asynchronous 2 0 {small_rd} core 2 2048 nosync"),
+        ),
+        ("a dev_nr with no LD", "65536", format!("{ld0} {rd1} {}", rd(dir, 1, 1, "sdd"))),
+        (
+            "an RD without a dirty log",
+            "65536",
+            format!("{ld0} local 2 1 asynchronous 2 0 {} - 0", dir.join("sdz").display()),
+        ),
+        ("a ring too small for one maximal entry", "2048", format!("{ld0} {rd1}")),
+    ];
+    let mut wrote = Vec::new();
+    for (i, (what, ring, rest)) in cases.iter().enumerate() {
+        // A fresh log file per case.
+        let log = d.make_file(&format!("replog{i}"), LOG_BYTES);
+        let t = format!("0 {SECTORS} replicator default 4 {} 0 auto {ring} {rest}", log.display());
+        d.cli_err(&["create", "bad", "--table", &one_line(&t)]);
+        let nz = std::fs::read(&log).unwrap().iter().filter(|&&x| x != 0).count();
+        if nz != 0 {
+            wrote.push(format!("{what}: {nz} non-zero bytes"));
+        }
     }
+    assert!(wrote.is_empty(), "refused tables formatted the replication log: {wrote:?}");
 }
 
 /// A synchronous SLINK holds the data when the write is acknowledged: no waiting.
