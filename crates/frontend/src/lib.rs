@@ -2,13 +2,15 @@
 //!
 //! One export per mapped device, named after it. Clients connect over a Unix socket or
 //! TCP ([`NbdServer::listen_unix`], [`NbdServer::listen_tcp`]), negotiate with the
-//! fixed newstyle handshake ([`handshake`]), and then send requests that the connection
-//! ([`conn`]) maps onto [`dmrep_core::MappedDevice::submit`]. The wire format itself
+//! fixed newstyle handshake (`handshake.rs`), and then send requests that the connection
+//! (`conn.rs`) maps onto [`dmrep_core::MappedDevice::submit`]. The wire format itself
 //! lives in [`dmrep_formats::nbd`].
 //!
 //! Threads: one accept thread per listener; per connection, one thread for the
 //! handshake that then becomes the first of up to [`NbdConfig::workers_per_conn`]
-//! transmission workers.
+//! transmission workers (spawned only when requests are slow enough to be worth running
+//! in parallel), plus a reply flusher if the client ever falls behind reading replies.
+//! See `conn.rs` for the request path and `reply.rs` for how replies are written.
 
 #![forbid(unsafe_code)]
 
