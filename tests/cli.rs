@@ -223,6 +223,9 @@ fn demo_no_wait_prints_a_uri_and_exits() {
     let o = run(std::process::Command::new(BIN).args(["demo", "--no-wait", "--dir"]).arg(dir.path()));
     assert!(o.status.success(), "{}", show(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains(&format!("nbd+unix:///demo0?socket={}", dir.path().join("nbd.sock").display())), "{out}");
+    for dev in ["r0-0", "r0-1"] {
+        assert!(out.contains(&format!("nbd+unix:///{dev}?socket={}", dir.path().join("nbd.sock").display())), "{out}");
+    }
+    assert!(out.contains("synchronous") && out.contains("replicator"), "the demo is the replicated group: {out}");
     assert!(out.contains("nbd://127.0.0.1:"), "{out}");
 }

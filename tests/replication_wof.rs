@@ -9,7 +9,7 @@
 //! moments, and every copy checked to be a prefix state of the write history.
 //!
 //! Environment: `WOF_SEED` (reproduce a run's random choices), `WOF_KILLS` (number of
-//! kill points, default 22).
+//! kill points at most, default 60; beyond 20 only while the first 45 s last).
 
 mod common;
 #[path = "common/nbd_client.rs"]
@@ -271,7 +271,12 @@ fn live_check_rejects_a_persistent_violation() {
 // ---------------------------------------------------------------------------------
 // The crash test.
 
+/// Blocks written on each device (the first 8 MiB).
 const NBLOCKS: u64 = 2048;
+/// Kill points at least.
+const MIN_KILLS: usize = 20;
+/// Time after which no kill point beyond [`MIN_KILLS`] is started.
+const KILL_BUDGET: Duration = Duration::from_secs(45);
 const DEV_SECTORS: u64 = 65536;
 
 fn group_table(dir: &std::path::Path) -> String {
@@ -346,8 +351,13 @@ impl Run {
 fn group_keeps_write_order_on_every_copy_across_kill9() {
     let t0 = Instant::now();
     let seed: u64 = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-    let kills: usize = std::env::var("WOF_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(22);
-    eprintln!("write-order fidelity crash test: seed {seed} (WOF_SEED), {kills} kill points");
+    // At least MIN_KILLS kill points; more (up to `max_kills`) while the time budget
+    // lasts: bugs with a narrow crash window are caught by the number of kills.
+    let max_kills: usize = std::env::var("WOF_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(60).max(MIN_KILLS);
+    eprintln!(
+        "write-order fidelity crash test: seed {seed} (WOF_SEED), {MIN_KILLS}..{max_kills} kill points (WOF_KILLS), \
+         more than {MIN_KILLS} only within {KILL_BUDGET:?}"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
 
     let mut d = Daemon::start();
@@ -373,7 +383,10 @@ fn group_keeps_write_order_on_every_copy_across_kill9() {
     let (mut file_checks, mut live_checks, mut nbd_checks) = (0, 0, 0);
     let (mut recovered, mut lost) = (0, 0);
     let mut max_rd_lag = 0u64;
-    for k in 0..kills {
+    let mut kills = 0;
+    while kills < MIN_KILLS || (kills < max_kills && t0.elapsed() < KILL_BUDGET) {
+        let k = kills;
+        kills += 1;
         let writer = BackgroundWriter::start(run.hist.clone(), cfg.clone(), rng.clone());
         rng = StdRng::seed_from_u64(rng.random());
         // Let the writer get going (connect, first writes) before the clock runs.

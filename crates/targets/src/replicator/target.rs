@@ -34,6 +34,10 @@ use super::slink::local::LocalSlink;
 use super::slink::SlinkHandler;
 
 const T: &str = "replicator";
+
+/// Smallest log that holds one maximal entry: superblocks (8 KiB), an entry header
+/// (512 B) and a maximal entry's data, plus one header of slack for the wrap marker.
+const MIN_LOG_BYTES: u64 = 8192 + 1024 + MAX_ENTRY_DATA;
 const TD: &str = "replicator-dev";
 
 /// Logs in use by a live group, by (canonical path, start byte): two groups on one
@@ -121,6 +125,25 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     }
     let dev_bytes = sectors_to_bytes(seg.len);
 
+    // The SLINKs and, in the paper form, the devices: opened and size-checked before
+    // the log is touched, so a refused table writes nothing.
+    let mut setups = Vec::new();
+    let mut declared = Vec::new();
+    for s in &spec.slinks {
+        let h = Arc::new(LocalSlink::new());
+        for d in &spec.devices {
+            for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
+                h.attach(d.dev_nr, &r.path, dev_bytes)?;
+                declared.push((s.nr, d.dev_nr, r.path.clone()));
+            }
+        }
+        setups.push(SlinkSetup {
+            nr: s.nr as u16,
+            handler: h as Arc<dyn SlinkHandler>,
+            policy: policy_of(&s.policy),
+            thresholds: thresholds_of(&s.fallbehind),
+        });
+    }
     // The log.
     let lpath = &spec.log.path;
     let canon = std::fs::canonicalize(lpath).map_err(|e| TargetError::Device { path: lpath.clone(), source: e })?;
@@ -155,6 +178,19 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             ),
         )));
     }
+    if matches!(spec.log.open_mode, OpenMode::Create | OpenMode::Auto) && size < MIN_LOG_BYTES {
+        // (`auto` may find a valid log there; a log this small could not be used anyway.)
+        return Err(release(TargetError::params(
+            T,
+            format!(
+                "replication log {lpath}: {} sectors is too small: it must hold at least one maximal entry \
+                 ({} KiB of data plus headers; at least {} sectors)",
+                size / 512,
+                MAX_ENTRY_DATA / 1024,
+                MIN_LOG_BYTES / 512
+            ),
+        )));
+    }
     let log_err = |e: super::log::LogError| release(TargetError::params(T, format!("replication log {lpath}: {e}")));
     let (log, recovery) = match spec.log.open_mode {
         OpenMode::Create => (RingLog::create(backend, start, size).map_err(log_err)?, None),
@@ -177,24 +213,6 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         )));
     }
 
-    // The SLINKs and, in the paper form, the devices.
-    let mut setups = Vec::new();
-    let mut declared = Vec::new();
-    for s in &spec.slinks {
-        let h = Arc::new(LocalSlink::new());
-        for d in &spec.devices {
-            for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
-                h.attach(d.dev_nr, &r.path, dev_bytes).map_err(release)?;
-                declared.push((s.nr, d.dev_nr, r.path.clone()));
-            }
-        }
-        setups.push(SlinkSetup {
-            nr: s.nr as u16,
-            handler: h as Arc<dyn SlinkHandler>,
-            policy: policy_of(&s.policy),
-            thresholds: thresholds_of(&s.fallbehind),
-        });
-    }
     let fresh_log = recovery.is_none();
     let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups)
         .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?;
