@@ -71,7 +71,7 @@ pub fn construct(_ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn T
         ));
     }
     let row = n * chunk;
-    if seg.len % row != 0 {
+    if !seg.len.is_multiple_of(row) {
         return Err(TargetError::params(
             T,
             format!("length {} is not a multiple of #stripes * chunk_sectors = {row}", seg.len),

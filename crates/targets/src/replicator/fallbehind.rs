@@ -102,16 +102,15 @@ pub fn admit(policy: &Policy, t: &Thresholds, lag: &Lag, sizes: impl Iterator<It
     if policy.synchronous {
         return usize::MAX;
     }
-    let mut ios = lag.ios;
     let mut bytes = lag.bytes;
     let mut n = 0usize;
     for s in sizes {
+        let ios = lag.ios + n as u64;
         let fits_ios = t.ios.is_none_or(|l| ios < l);
         let fits_bytes = t.bytes.is_none_or(|l| bytes + s <= l);
         if !(fits_ios && (fits_bytes || ios == 0)) {
             break;
         }
-        ios += 1;
         bytes += s;
         n += 1;
     }

@@ -103,7 +103,7 @@ impl Bitmap {
         words.resize(regions.div_ceil(64) as usize, 0);
         let mut b = Bitmap { words, regions, dirty: 0 };
         // Bits past the last region are not regions.
-        if regions % 64 != 0 {
+        if !regions.is_multiple_of(64) {
             if let Some(last) = b.words.last_mut() {
                 *last &= (1u64 << (regions % 64)) - 1;
             }

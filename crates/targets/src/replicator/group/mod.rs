@@ -220,7 +220,17 @@ impl Group {
         let mut rts = BTreeMap::new();
         let mut handlers = BTreeMap::new();
         let fresh = recovery.is_none();
+        // Recovery cut off entries some site had already applied (corruption of
+        // acknowledged entries): the other sites can never get them from the log, so
+        // every RD is resynchronised in full from the LD.
+        let lost = recovery.as_ref().is_some_and(|r| !r.slinks_ahead.is_empty());
+        if lost {
+            warn!(group = name, report = ?recovery, "replication log lost entries some site had applied: full resync of every RD");
+        }
         for s in slinks {
+            if lost && s.nr != 0 && log.cursor(s.nr).is_some() {
+                log.unregister_slink(s.nr).map_err(io::Error::other)?;
+            }
             // A fresh log starts every SLINK in ordered mode. A reopened log keeps what
             // it says: an SLINK without a cursor had left ordered mode (or is new) and
             // needs a resync of its dirty regions. SLINK 0 is always ordered.
@@ -250,7 +260,7 @@ impl Group {
                     paused: false,
                     ordered,
                     gen: 0,
-                    resync: resync::ResyncState::default(),
+                    resync: resync::ResyncState { full: lost && s.nr != 0, ..Default::default() },
                     applied_entries: 0,
                     applied_bytes: 0,
                     applies: 0,

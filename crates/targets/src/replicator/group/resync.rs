@@ -43,6 +43,8 @@ pub(crate) struct ResyncState {
     pub started: Option<Instant>,
     /// Bytes per second; None: unlimited.
     pub rate_limit: Option<u64>,
+    /// Every region must be copied whatever the dirty logs say (log entries were lost).
+    pub full: bool,
 }
 
 /// What status shows of an SLINK's synchronisation.
@@ -108,7 +110,8 @@ pub(super) fn mark_written(inner: &Inner, unordered: &[u16], metas: &[EntryMeta]
     if unordered.is_empty() {
         return Ok(());
     }
-    let logs: Vec<(u16, u32, Option<Arc<dyn DirtyLog>>)> = {
+    type Target = (u16, u32, Option<Arc<dyn DirtyLog>>);
+    let logs: Vec<Target> = {
         let st = inner.st.lock();
         let mut v = Vec::new();
         for m in metas {
@@ -287,6 +290,7 @@ pub(super) fn maybe_reorder(inner: &Inner, st: &mut State) {
             "resync complete: slink back in ordered mode"
         );
         rt.resync.done = false;
+        rt.resync.full = false;
         rt.resync.reason = None;
         rt.resync.since = None;
     }
@@ -384,7 +388,7 @@ impl super::Group {
         let _d = inner.dirty_lock.lock();
         let mut st = inner.st.lock();
         let rt = st.slinks.get(&nr).ok_or_else(|| errno(22))?;
-        if initial_dirty || (!rt.ordered && log.kind() == "core") {
+        if initial_dirty || rt.resync.full || (!rt.ordered && log.kind() == "core") {
             // A new RD to fill, or an out-of-sync RD whose in-memory regions were lost.
             log.mark_all()?;
         }
