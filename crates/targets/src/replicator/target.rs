@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -51,7 +52,11 @@ fn open_logs() -> &'static Mutex<HashSet<(PathBuf, u64)>> {
 pub struct GroupHandle {
     group: Mutex<Option<Arc<Group>>>,
     /// Paths attached by the paper form, per (slink, dev_nr).
-    declared: Vec<(u32, u32, String)>,
+    declared: Mutex<Vec<(u32, u32, String)>>,
+    /// Tables (live and loaded) using the group: it stops when the last one goes.
+    users: AtomicUsize,
+    log_key: (PathBuf, u64),
+    dev_bytes: u64,
     /// The log was created (not recovered) when the group started.
     fresh_log: bool,
 }
@@ -102,8 +107,85 @@ pub struct ReplicatorTarget {
     spec: ReplicatorSpec,
     handle: Arc<GroupHandle>,
     group: Arc<Group>,
-    log_key: (PathBuf, u64),
     len_sectors: u64,
+    /// A reloaded table's changes, applied when it becomes live (resume).
+    pending: Mutex<Option<Reload>>,
+}
+
+/// What a reloaded table changes in the live group.
+struct Reload {
+    policies: Vec<(u16, Policy, Thresholds)>,
+    new_slinks: Vec<(SlinkSetup, Vec<(u32, ReplicaSpec)>)>,
+}
+
+/// A table for a control device whose group is live: the same log, the same devices on
+/// the existing SLINKs; SLINKs may be added and policies changed. Prepared (new devices
+/// opened and checked) now, applied on resume.
+fn reload(
+    ctx: &BuildContext<'_>,
+    seg: &SegmentSpec,
+    spec: ReplicatorSpec,
+    handle: Arc<GroupHandle>,
+    group: Arc<Group>,
+) -> Result<Arc<dyn Target>, TargetError> {
+    let canon = std::fs::canonicalize(&spec.log.path)
+        .map_err(|e| TargetError::Device { path: spec.log.path.clone(), source: e })?;
+    if (canon, sectors_to_bytes(spec.log.start_sector)) != handle.log_key {
+        return Err(TargetError::params(T, "a reloaded table must keep the group's replication log (path and start)"));
+    }
+    if sectors_to_bytes(seg.len) != handle.dev_bytes {
+        return Err(TargetError::params(T, "a reloaded table must keep the length of the group's devices"));
+    }
+    let live = group.slink_numbers();
+    for nr in &live {
+        if spec.slink(*nr as u32).is_none() {
+            return Err(TargetError::params(T, format!("removing slink {nr} from a live group is not supported")));
+        }
+    }
+    let declared = handle.declared.lock().clone();
+    for (s, d, p) in &declared {
+        let same = spec.device(*d).is_some_and(|dev| dev.replicas.iter().any(|r| r.slink_nr == *s && r.path == *p));
+        if !same {
+            return Err(TargetError::params(
+                T,
+                format!("device {d} on slink {s} must stay {p} in a reloaded table (changing devices of a live group is not supported)"),
+            ));
+        }
+    }
+    let mut policies = Vec::new();
+    let mut new_slinks = Vec::new();
+    for s in &spec.slinks {
+        if s.kind != SlinkKind::Local {
+            return Err(TargetError::params(
+                T,
+                format!("slink {}: transport \"{}\" is not available in this build", s.nr, s.kind.name()),
+            ));
+        }
+        let (policy, thresholds) = (policy_of(&s.policy), thresholds_of(&s.fallbehind));
+        if live.contains(&(s.nr as u16)) {
+            policies.push((s.nr as u16, policy, thresholds));
+            continue;
+        }
+        let h = Arc::new(LocalSlink::new());
+        let mut reps = Vec::new();
+        for d in &spec.devices {
+            let r = d.replicas.iter().find(|r| r.slink_nr == s.nr).ok_or_else(|| {
+                TargetError::params(T, format!("device {}: no device on new slink {}", d.dev_nr, s.nr))
+            })?;
+            h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
+            reps.push((d.dev_nr, r.clone()));
+        }
+        new_slinks.push((SlinkSetup { nr: s.nr as u16, handler: h, policy, thresholds }, reps));
+    }
+    handle.users.fetch_add(1, Ordering::SeqCst);
+    Ok(Arc::new(ReplicatorTarget {
+        name: ctx.device_name.to_string(),
+        spec,
+        handle,
+        group,
+        len_sectors: seg.len,
+        pending: Mutex::new(Some(Reload { policies, new_slinks })),
+    }))
 }
 
 pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
@@ -124,6 +206,11 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         }
     }
     let dev_bytes = sectors_to_bytes(seg.len);
+    if let Some(handle) = ctx.devices.lookup::<GroupHandle>(ctx.device_name) {
+        if let Some(group) = handle.group() {
+            return reload(ctx, seg, spec, handle, group);
+        }
+    }
 
     // The SLINKs and, in the paper form, the devices: opened and size-checked before
     // the log is touched, so a refused table writes nothing.
@@ -224,15 +311,22 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             }
         }
     }
-    let handle = Arc::new(GroupHandle { group: Mutex::new(Some(group.clone())), declared, fresh_log });
+    let handle = Arc::new(GroupHandle {
+        group: Mutex::new(Some(group.clone())),
+        declared: Mutex::new(declared),
+        users: AtomicUsize::new(1),
+        log_key: key.clone(),
+        dev_bytes,
+        fresh_log,
+    });
     ctx.devices.publish(ctx.device_name, handle.clone());
     Ok(Arc::new(ReplicatorTarget {
         name: ctx.device_name.to_string(),
         spec,
         handle,
         group,
-        log_key: key,
         len_sectors: seg.len,
+        pending: Mutex::new(None),
     }))
 }
 
@@ -365,10 +459,37 @@ impl Target for ReplicatorTarget {
             .collect()
     }
 
+    fn resume(&self) {
+        let Some(r) = self.pending.lock().take() else { return };
+        for (nr, p, t) in r.policies {
+            if let Err(e) = self.group.set_policy_and_thresholds(nr, p, t) {
+                tracing::warn!(group = %self.name, slink = nr, "reloaded policy not applied: {e}");
+            }
+        }
+        for (setup, reps) in r.new_slinks {
+            let nr = setup.nr;
+            if let Err(e) = self.group.add_slink(setup) {
+                tracing::warn!(group = %self.name, slink = nr, "slink not added: {e}");
+                continue;
+            }
+            self.handle.declared.lock().extend(reps.iter().map(|(d, r)| (r.slink_nr, *d, r.path.clone())));
+            for (dev, r) in reps {
+                // A new RD: `sync` means copy everything, `nosync` trusts it.
+                let initial = matches!(r.dirty_log, DirtyLogSpec::Core { sync: true, .. });
+                if let Err(e) = attach_dirty(&self.group, dev, &r, self.handle.dev_bytes, initial) {
+                    tracing::warn!(group = %self.name, slink = nr, device = dev, "dirty log not attached: {e}");
+                }
+            }
+        }
+    }
+
     fn shutdown(&self) {
-        self.handle.group.lock().take();
-        self.group.shutdown();
-        open_logs().lock().remove(&self.log_key);
+        // The last table using the group stops it (a reload keeps it running).
+        if self.handle.users.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.handle.group.lock().take();
+            self.group.shutdown();
+            open_logs().lock().remove(&self.handle.log_key);
+        }
     }
 }
 
@@ -409,7 +530,8 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         let h = group.handler(r.slink_nr as u16).ok_or_else(|| {
             TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
         })?;
-        let declared = handle.declared.iter().any(|(s, d, p)| *s == r.slink_nr && *d == spec.dev_nr && *p == r.path);
+        let declared =
+            handle.declared.lock().iter().any(|(s, d, p)| *s == r.slink_nr && *d == spec.dev_nr && *p == r.path);
         if !declared {
             if h.has_device(spec.dev_nr) {
                 return Err(TargetError::params(

@@ -131,6 +131,32 @@ struct SlinkRt {
 }
 
 impl SlinkRt {
+    fn new(policy: Policy, thresholds: Thresholds, ordered: bool, applied: u64, resync: resync::ResyncState) -> Self {
+        SlinkRt {
+            mode: fallbehind::mode(&policy, &thresholds, &Lag::default()),
+            policy,
+            thresholds,
+            applied,
+            outstanding: VecDeque::new(),
+            out_bytes: 0,
+            mode_since: SystemTime::now(),
+            mode_switches: 0,
+            accessible: true,
+            down_since: None,
+            last_error: None,
+            waiting_for_device: None,
+            paused: false,
+            ordered,
+            gen: 0,
+            resync,
+            applied_entries: 0,
+            applied_bytes: 0,
+            applies: 0,
+            apply_us: 0,
+            cursor_us: 0,
+        }
+    }
+
     /// Whether writes may wait for this SLINK: it is in ordered mode and either
     /// synchronous by policy (then an outage stalls writes: DESIGN invariant 1) or
     /// reachable and not paused (an unreachable asynchronous SLINK does not throttle:
@@ -186,7 +212,8 @@ pub(crate) struct Inner {
     pub name: String,
     pub log: RingLog,
     pub log_path: String,
-    handlers: BTreeMap<u16, Arc<dyn SlinkHandler>>,
+    /// SLINK handlers; an SLINK can be added to a live group (table reload).
+    handlers: parking_lot::RwLock<BTreeMap<u16, Arc<dyn SlinkHandler>>>,
     st: Mutex<State>,
     /// Serialises "mark regions dirty + publish the write" against "check + clear a
     /// resynced region" (taken before `st`).
@@ -242,32 +269,8 @@ impl Group {
                 warn!(group = name, slink = s.nr, "slink is not in ordered mode: its devices will be resynchronised");
             }
             let applied = log.cursor(s.nr).unwrap_or(0);
-            rts.insert(
-                s.nr,
-                SlinkRt {
-                    mode: fallbehind::mode(&s.policy, &s.thresholds, &Lag::default()),
-                    policy: s.policy,
-                    thresholds: s.thresholds,
-                    applied,
-                    outstanding: VecDeque::new(),
-                    out_bytes: 0,
-                    mode_since: SystemTime::now(),
-                    mode_switches: 0,
-                    accessible: true,
-                    down_since: None,
-                    last_error: None,
-                    waiting_for_device: None,
-                    paused: false,
-                    ordered,
-                    gen: 0,
-                    resync: resync::ResyncState { full: lost && s.nr != 0, ..Default::default() },
-                    applied_entries: 0,
-                    applied_bytes: 0,
-                    applies: 0,
-                    apply_us: 0,
-                    cursor_us: 0,
-                },
-            );
+            let resync = resync::ResyncState { full: lost && s.nr != 0, ..Default::default() };
+            rts.insert(s.nr, SlinkRt::new(s.policy, s.thresholds, ordered, applied, resync));
             handlers.insert(s.nr, s.handler);
         }
         let mut overlay = Overlay::default();
@@ -293,7 +296,7 @@ impl Group {
             name: name.to_string(),
             log,
             log_path,
-            handlers,
+            handlers: parking_lot::RwLock::new(handlers),
             st: Mutex::new(State {
                 queue: VecDeque::new(),
                 awaiting: BTreeMap::new(),
@@ -317,7 +320,7 @@ impl Group {
         let mut threads = Vec::new();
         let i = inner.clone();
         threads.push(std::thread::Builder::new().name(format!("{name}-append")).spawn(move || appender(i))?);
-        for nr in inner.handlers.keys().copied().collect::<Vec<_>>() {
+        for nr in inner.handlers.read().keys().copied().collect::<Vec<_>>() {
             let i = inner.clone();
             threads.push(std::thread::Builder::new().name(format!("{name}-slink{nr}")).spawn(move || copier(i, nr))?);
         }
@@ -329,11 +332,46 @@ impl Group {
     }
 
     pub fn handler(&self, nr: u16) -> Option<Arc<dyn SlinkHandler>> {
-        self.inner.handlers.get(&nr).cloned()
+        self.inner.handler(nr)
     }
 
     pub fn slink_numbers(&self) -> Vec<u16> {
-        self.inner.handlers.keys().copied().collect()
+        self.inner.handlers.read().keys().copied().collect()
+    }
+
+    /// Add an SLINK to the live group. It starts out of ordered mode; once its dirty
+    /// logs are attached (a `sync` dirty log: every region dirty, so an initial copy
+    /// runs while the other SLINKs go on), the resync brings it into ordered mode.
+    pub fn add_slink(&self, s: SlinkSetup) -> io::Result<()> {
+        let inner = &self.inner;
+        {
+            let _d = inner.dirty_lock.lock();
+            let mut st = inner.st.lock();
+            if st.slinks.contains_key(&s.nr) || s.nr == 0 {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("slink {} already exists", s.nr)));
+            }
+            let resync = resync::ResyncState { new_slink: true, ..Default::default() };
+            st.slinks.insert(s.nr, SlinkRt::new(s.policy, s.thresholds, false, 0, resync));
+        }
+        inner.handlers.write().insert(s.nr, s.handler);
+        let i = self.inner.clone();
+        let nr = s.nr;
+        let t = std::thread::Builder::new().name(format!("{}-slink{nr}", inner.name)).spawn(move || copier(i, nr))?;
+        self.threads.lock().push(t);
+        info!(group = %inner.name, slink = nr, "slink added to the live group");
+        Ok(())
+    }
+
+    /// Replace an SLINK's policy and thresholds (table reload).
+    pub fn set_policy_and_thresholds(&self, nr: u16, policy: Policy, thresholds: Thresholds) -> Result<(), String> {
+        let mut st = self.inner.st.lock();
+        let rt = st.slinks.get_mut(&nr).ok_or_else(|| format!("no slink {nr}"))?;
+        rt.policy = policy;
+        rt.thresholds = thresholds;
+        update_mode(&self.inner.name, nr, rt, Instant::now());
+        drop(st);
+        self.inner.appender_cv.notify_all();
+        Ok(())
     }
 
     /// Wake the copiers (a device was attached).
@@ -370,9 +408,13 @@ impl Group {
 }
 
 impl Inner {
+    pub(crate) fn handler(&self, nr: u16) -> Option<Arc<dyn SlinkHandler>> {
+        self.handlers.read().get(&nr).cloned()
+    }
+
     /// Read from device `dev_nr`: the LD, overlaid with entries not yet on it.
     fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let ld = self.handlers.get(&0).ok_or_else(|| errno(6))?.clone();
+        let ld = self.handler(0).ok_or_else(|| errno(6))?;
         // An entry read back from the log may have been applied and its space reused
         // in the meantime (crc mismatch): then the LD has it, so try again.
         for _ in 0..8 {
@@ -507,16 +549,18 @@ impl Group {
     /// Everything status shows.
     pub fn status(&self) -> GroupStatus {
         let now = Instant::now();
+        let handlers = self.inner.handlers.read().clone();
         let st = self.inner.st.lock();
         let slinks = st
             .slinks
             .iter()
+            .filter(|(nr, _)| handlers.contains_key(nr))
             .map(|(nr, rt)| {
                 let lag = rt.lag(now);
                 SlinkStatus {
                     slink: *nr,
-                    kind: self.inner.handlers[nr].kind(),
-                    devices: self.inner.handlers[nr].describe(),
+                    kind: handlers[nr].kind(),
+                    devices: handlers[nr].describe(),
                     policy: rt.policy,
                     thresholds: rt.thresholds,
                     mode: fallbehind::mode(&rt.policy, &rt.thresholds, &lag),
@@ -921,7 +965,7 @@ impl Drop for CursorPipe {
 }
 
 fn copier(inner: Arc<Inner>, nr: u16) {
-    let handler = inner.handlers[&nr].clone();
+    let Some(handler) = inner.handler(nr) else { return };
     let mut backoff = PROBE_MIN;
     let mut next_probe = Instant::now();
     let mut cursor = match CursorPipe::new(inner.clone(), nr) {

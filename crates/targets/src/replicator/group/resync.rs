@@ -45,6 +45,9 @@ pub(crate) struct ResyncState {
     pub rate_limit: Option<u64>,
     /// Every region must be copied whatever the dirty logs say (log entries were lost).
     pub full: bool,
+    /// Added to a live group: its dirty logs say what to copy (`sync`: all, `nosync`:
+    /// nothing), even for `core` logs.
+    pub new_slink: bool,
 }
 
 /// What status shows of an SLINK's synchronisation.
@@ -158,7 +161,7 @@ fn may_leave(inner: &Inner, st: &State, nr: u16) -> bool {
         && rt.ordered
         && !rt.policy.stall
         && st.dirty.keys().any(|(s, _)| *s == nr)
-        && inner.handlers[&nr].devices().iter().all(|d| st.dirty.contains_key(&(nr, *d)))
+        && inner.handler(nr).map(|h| h.devices()).unwrap_or_default().iter().all(|d| st.dirty.contains_key(&(nr, *d)))
 }
 
 /// The log is full: the eligible SLINK furthest behind leaves ordered mode. Returns
@@ -270,7 +273,8 @@ pub(super) fn maybe_reorder(inner: &Inner, st: &mut State) {
         st.slinks.iter().filter(|(_, rt)| !rt.ordered && rt.resync.done).map(|(nr, _)| *nr).collect();
     for nr in candidates {
         let dirty: u64 = st.dirty.iter().filter(|((s, _), _)| *s == nr).map(|(_, (l, _))| l.dirty_count()).sum();
-        let all_attached = inner.handlers[&nr].devices().iter().all(|d| st.dirty.contains_key(&(nr, *d)));
+        let all_attached =
+            inner.handler(nr).map(|h| h.devices()).unwrap_or_default().iter().all(|d| st.dirty.contains_key(&(nr, *d)));
         if dirty > 0 || st.in_copy.iter().any(|k| k.0 == nr) || !all_attached {
             st.slinks.get_mut(&nr).expect("slink").resync.done = false;
             continue;
@@ -291,6 +295,7 @@ pub(super) fn maybe_reorder(inner: &Inner, st: &mut State) {
         );
         rt.resync.done = false;
         rt.resync.full = false;
+        rt.resync.new_slink = false;
         rt.resync.reason = None;
         rt.resync.since = None;
     }
@@ -388,7 +393,7 @@ impl super::Group {
         let _d = inner.dirty_lock.lock();
         let mut st = inner.st.lock();
         let rt = st.slinks.get(&nr).ok_or_else(|| errno(22))?;
-        if initial_dirty || rt.resync.full || (!rt.ordered && log.kind() == "core") {
+        if initial_dirty || rt.resync.full || (!rt.ordered && !rt.resync.new_slink && log.kind() == "core") {
             // A new RD to fill, or an out-of-sync RD whose in-memory regions were lost.
             log.mark_all()?;
         }
