@@ -1,0 +1,309 @@
+//! The copiers: one per SLINK (SLINK 0 included), applying log entries to the site in
+//! log order, one epoch at a time, durably, then persisting the SLINK's cursor; or, out
+//! of ordered mode, running the resync; or probing an inaccessible site.
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::{resync, update_mode, Chunk, Inner, State, MAX_APPLY_ENTRIES, PROBE_MAX, PROBE_MIN, TICK};
+use crate::replicator::log::{EntryKind, EntryMeta};
+use crate::replicator::slink::{ApplyEntry, SlinkHandler};
+
+/// What a copier does next.
+enum Work {
+    Apply(u64, Vec<(EntryMeta, Option<Chunk>)>),
+    Resync,
+    Probe,
+}
+
+/// Persists one SLINK's cursor in the log off the copier's path, so that epoch e's
+/// cursor is written while epoch e+1's data goes to the site.
+///
+/// Order rule (why this is safe): after a crash the copier re-applies every entry after
+/// the durable cursor. Re-applying epoch e over a site that also holds part of e+1 is
+/// harmless (e+1's writes were concurrent with each other), but re-applying e-1 over e+1
+/// could roll back a block e+1 depends on. So before epoch e+1 starts, the cursor of
+/// epoch e-1 must be durable: the copier waits for the previous persist before
+/// handing over the next one, and only then takes new work.
+struct CursorPipe {
+    tx: Option<crossbeam_channel::Sender<u64>>,
+    done: crossbeam_channel::Receiver<Result<(), String>>,
+    in_flight: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CursorPipe {
+    fn new(inner: Arc<Inner>, nr: u16) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<u64>(1);
+        let (dtx, done) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new().name(format!("{}-cursor{nr}", inner.name)).spawn(move || {
+            for seq in rx {
+                let t0 = Instant::now();
+                let r = match inner.log.set_cursors(&[(nr, seq)]) {
+                    // The SLINK left (and maybe re-entered) ordered mode since: the
+                    // persisted state already moved past this cursor.
+                    Err(
+                        crate::replicator::log::LogError::UnknownSlink(_)
+                        | crate::replicator::log::LogError::CursorBackwards { .. },
+                    ) => Ok(()),
+                    r => r.map_err(|e| e.to_string()),
+                };
+                if let Some(rt) = inner.st.lock().slinks.get_mut(&nr) {
+                    rt.cursor_us += t0.elapsed().as_micros() as u64;
+                }
+                if dtx.send(r).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(CursorPipe { tx: Some(tx), done, in_flight: false, thread: Some(thread) })
+    }
+
+    /// Wait for the persist in flight, if any.
+    fn wait(&mut self) -> Result<(), String> {
+        if std::mem::take(&mut self.in_flight) {
+            return self.done.recv().unwrap_or_else(|_| Err("cursor thread gone".into()));
+        }
+        Ok(())
+    }
+
+    /// Wait for the previous persist, then start persisting `seq`.
+    fn persist(&mut self, seq: u64) -> Result<(), String> {
+        let prev = self.wait();
+        if let Some(tx) = &self.tx {
+            if tx.send(seq).is_ok() {
+                self.in_flight = true;
+            }
+        }
+        prev
+    }
+}
+
+impl Drop for CursorPipe {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
+    let Some(handler) = inner.handler(nr) else { return };
+    let mut backoff = PROBE_MIN;
+    let mut next_probe = Instant::now();
+    let mut cursor = match CursorPipe::new(inner.clone(), nr) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(group = %inner.name, slink = nr, "cannot start the cursor thread: {e}");
+            return;
+        }
+    };
+    loop {
+        let work = {
+            let mut st = inner.st.lock();
+            loop {
+                if st.shutdown {
+                    return;
+                }
+                let rt = &st.slinks[&nr];
+                let shipping = (nr == 0 || st.shipping) && !rt.paused;
+                if !rt.accessible {
+                    if Instant::now() >= next_probe {
+                        break Work::Probe;
+                    }
+                } else if shipping && !rt.ordered && !rt.resync.done {
+                    break Work::Resync;
+                } else if shipping && !rt.outstanding.is_empty() {
+                    if let Some(w) = next_epoch(&inner, &mut st, nr, &*handler) {
+                        break Work::Apply(st.slinks[&nr].gen, w);
+                    }
+                }
+                inner.copier_cv.wait_for(&mut st, TICK);
+            }
+        };
+        match work {
+            Work::Probe => match handler.probe() {
+                Ok(()) => {
+                    let mut st = inner.st.lock();
+                    let rt = st.slinks.get_mut(&nr).expect("slink");
+                    rt.accessible = true;
+                    rt.down_since = None;
+                    info!(group = %inner.name, slink = nr, "slink accessible again; resuming shipping");
+                    backoff = PROBE_MIN;
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).min(PROBE_MAX);
+                    next_probe = Instant::now() + backoff;
+                    inner.st.lock().slinks.get_mut(&nr).expect("slink").last_error = Some(e.to_string());
+                }
+            },
+            Work::Resync => {
+                if let Err(e) = resync::step(&inner, nr, &*handler) {
+                    warn!(group = %inner.name, slink = nr, "resync failed, marking inaccessible: {e}");
+                    let mut st = inner.st.lock();
+                    let rt = st.slinks.get_mut(&nr).expect("slink");
+                    rt.accessible = false;
+                    rt.down_since = Some(SystemTime::now());
+                    rt.last_error = Some(e.to_string());
+                    backoff = PROBE_MIN;
+                    next_probe = Instant::now() + backoff;
+                }
+            }
+            Work::Apply(gen, batch) => match apply(&inner, nr, &*handler, gen, batch) {
+                Ok(None) => {}
+                Ok(Some(last)) => {
+                    if let Err(e) = cursor.persist(last) {
+                        warn!(group = %inner.name, slink = nr, "persisting the slink cursor failed: {e}");
+                        inner.st.lock().log_error = Some(format!("persisting slink {nr} cursor: {e}"));
+                    }
+                }
+                Err(e) => {
+                    warn!(group = %inner.name, slink = nr, "slink failed, marking inaccessible: {e}");
+                    let mut st = inner.st.lock();
+                    let rt = st.slinks.get_mut(&nr).expect("slink");
+                    rt.accessible = false;
+                    rt.down_since = Some(SystemTime::now());
+                    rt.last_error = Some(e.to_string());
+                    backoff = PROBE_MIN;
+                    next_probe = Instant::now() + backoff;
+                }
+            },
+        }
+    }
+}
+
+/// The next entries SLINK `nr` must apply: the rest of the first epoch it lacks, only
+/// entries the appender has recorded (seq <= its last outstanding), and only once
+/// their devices are attached.
+fn next_epoch(
+    inner: &Inner,
+    st: &mut State,
+    nr: u16,
+    handler: &dyn SlinkHandler,
+) -> Option<Vec<(EntryMeta, Option<Chunk>)>> {
+    let rt = &st.slinks[&nr];
+    let last_known = rt.outstanding.back()?.0;
+    let metas = inner.log.entries_from(rt.applied + 1, MAX_APPLY_ENTRIES);
+    let mut epoch = None;
+    let mut out = Vec::new();
+    for m in metas {
+        if m.seq > last_known {
+            break;
+        }
+        if !m.slinks.contains(nr) {
+            continue;
+        }
+        match epoch {
+            None => epoch = Some(m.epoch),
+            Some(e) if e != m.epoch => break,
+            _ => {}
+        }
+        if !handler.has_device(m.dev_nr) {
+            let rt = st.slinks.get_mut(&nr).expect("slink");
+            rt.waiting_for_device = Some(m.dev_nr);
+            return None;
+        }
+        let c = st.cache.get(&m.seq).cloned();
+        out.push((m, c));
+    }
+    st.slinks.get_mut(&nr).expect("slink").waiting_for_device = None;
+    (!out.is_empty()).then_some(out)
+}
+
+/// Apply entries to the site (durably), then account and acknowledge. Returns the last
+/// seq applied; the caller persists it as the SLINK's cursor.
+fn apply(
+    inner: &Inner,
+    nr: u16,
+    handler: &dyn SlinkHandler,
+    gen: u64,
+    batch: Vec<(EntryMeta, Option<Chunk>)>,
+) -> io::Result<Option<u64>> {
+    // Entries not in the cache are read back from the log.
+    let mut owned: Vec<Option<Vec<u8>>> = Vec::with_capacity(batch.len());
+    for (m, c) in &batch {
+        if m.kind == EntryKind::Write && c.is_none() {
+            let mut v = vec![0u8; m.len as usize];
+            inner.log.read_data(m, &mut v).map_err(io::Error::other)?;
+            owned.push(Some(v));
+        } else {
+            owned.push(None);
+        }
+    }
+    let entries: Vec<ApplyEntry<'_>> = batch
+        .iter()
+        .zip(&owned)
+        .map(|((m, c), o)| ApplyEntry {
+            dev_nr: m.dev_nr,
+            offset: m.offset,
+            len: m.len,
+            kind: m.kind,
+            data: match (c, o) {
+                (Some(c), _) => c.bytes(),
+                (None, Some(v)) => v,
+                _ => &[],
+            },
+        })
+        .collect();
+    let t0 = Instant::now();
+    handler.apply(&entries)?;
+    let t1 = Instant::now();
+    let last = batch.last().expect("non-empty").0.seq;
+
+    let now = Instant::now();
+    let mut ready = Vec::new();
+    let mut st = inner.st.lock();
+    let rt = st.slinks.get_mut(&nr).expect("slink");
+    if rt.gen != gen {
+        // The SLINK left ordered mode meanwhile: these entries are dirty regions now.
+        return Ok(None);
+    }
+    rt.applied = last;
+    rt.applies += 1;
+    rt.apply_us += (t1 - t0).as_micros() as u64;
+    while rt.outstanding.front().is_some_and(|o| o.0 <= last) {
+        let (_, b, _) = rt.outstanding.pop_front().expect("front");
+        rt.out_bytes -= b;
+        rt.applied_entries += 1;
+        rt.applied_bytes += b;
+    }
+    update_mode(&inner.name, nr, rt, now);
+    if nr == 0 {
+        for (m, _) in &batch {
+            st.overlay.remove(m);
+        }
+    }
+    let done_seqs: Vec<u64> = st
+        .awaiting
+        .range_mut(..=last)
+        .filter_map(|(seq, a)| {
+            a.wait.remove(&nr);
+            a.wait.is_empty().then_some(*seq)
+        })
+        .collect();
+    for s in done_seqs {
+        let a = st.awaiting.remove(&s).expect("present");
+        ready.push((a.req, a.done));
+    }
+    // Data every SLINK has applied leaves the cache.
+    let min_applied = st.slinks.values().map(|r| r.applied).min().unwrap_or(0);
+    while let Some((&seq, _)) = st.cache.first_key_value() {
+        if seq > min_applied {
+            break;
+        }
+        let c = st.cache.remove(&seq).expect("present");
+        st.cache_bytes -= c.len as u64;
+    }
+    drop(st);
+    inner.appender_cv.notify_all();
+    for (req, done) in ready {
+        done.complete(req, Ok(()));
+    }
+    Ok(Some(last))
+}
