@@ -141,11 +141,11 @@ fn run_example(build: fn(&Path) -> String, devs: &[(&str, &[&str])]) {
     let nslinks = 1 + devs[0].1.len();
 
     let pats = [(0x5au8, 0x33u8), (0xa7, 0x4c)];
-    for i in 0..devs.len() {
-        write_patterns(&d, &format!("r0-{i}"), pats[i].0, pats[i].1);
+    for (i, (p, q)) in pats.iter().take(devs.len()).enumerate() {
+        write_patterns(&d, &format!("r0-{i}"), *p, *q);
     }
-    for i in 0..devs.len() {
-        read_patterns(&d, &format!("r0-{i}"), pats[i].0, pats[i].1);
+    for (i, (p, q)) in pats.iter().take(devs.len()).enumerate() {
+        read_patterns(&d, &format!("r0-{i}"), *p, *q);
     }
     wait_caught_up(&d, "r0", nslinks);
     for (i, (l, rs)) in devs.iter().enumerate() {
@@ -184,8 +184,8 @@ fn run_example(build: fn(&Path) -> String, devs: &[(&str, &[&str])]) {
     d.cli_ok(&["create", "r0", &tf2]);
     assert_eq!(names(&d), want);
     assert_eq!(d.cli_ok(&["table", "r0"]), t, "table round trip");
-    for i in 0..devs.len() {
-        read_patterns(&d, &format!("r0-{i}"), pats[i].0, pats[i].1);
+    for (i, (p, q)) in pats.iter().take(devs.len()).enumerate() {
+        read_patterns(&d, &format!("r0-{i}"), *p, *q);
     }
     // And it still replicates.
     qemu_io_ok(&d.uri("r0-0"), &["write -P 0x77 8M 64k"]);
@@ -312,7 +312,7 @@ fn invalid_tables_are_refused_with_precise_errors() {
     let rd1 = rd(dir, 1, 0, "sdz");
     let p = |f: &str| dir.join(f).display().to_string();
     let cases: Vec<(&str, String, &[&str])> = vec![
-        ("no SLINK 0", format!("{rd1}"), &["slink 0"]),
+        ("no SLINK 0", rd1.clone(), &["slink 0"]),
         (
             "SLINK 0 with a dirty log",
             format!("local 2 0 asynchronous 2 0 {} core 2 2048 nosync {rd1}", p("lvol0")),

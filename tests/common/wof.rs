@@ -759,7 +759,6 @@ pub fn run_segment(
 
     let mut in_flight: HashMap<u64, (u32, u64)> = HashMap::new();
     let mut res = SegmentResult { issued: 0, acked: 0, errors: Vec::new(), ended: String::new(), broken: false };
-    let mut closed = 0;
     let outcome: Result<(), String> = 'run: loop {
         let stopping = stop.load(Ordering::Relaxed);
         if stopping && in_flight.is_empty() {
@@ -801,7 +800,6 @@ pub fn run_segment(
                 }
             }
             Ok(Event::Closed { dev, why }) => {
-                closed += 1;
                 res.broken = true;
                 res.ended = format!("connection lost (dev {dev}: {why})");
                 break Ok(());
@@ -821,7 +819,6 @@ pub fn run_segment(
             }
         }
     };
-    let _ = closed;
     if !res.broken {
         for s in senders.iter_mut() {
             let _ = s.disconnect();
