@@ -523,3 +523,4 @@ impl HoldingClient {
         (st, out)
     }
 }
+pub mod faulty;

@@ -48,19 +48,16 @@ pub struct FileBackend {
 impl FileBackend {
     /// Open `path` read-write. Its size is fixed at open time.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
-        let meta = file.metadata()?;
-        let is_block = meta.file_type().is_block_device();
-        if !is_block && !meta.is_file() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"));
-        }
-        let size = if is_block { file.seek(SeekFrom::End(0))? } else { meta.len() };
-        Ok(FileBackend { file, path: path.to_path_buf(), size, is_block })
+        Self::from_file(OpenOptions::new().read(true).write(true).open(path)?, path)
     }
 
     /// Open `path` read-only (offline inspection). Writes fail with EBADF.
     pub fn open_read_only(path: &Path) -> io::Result<Self> {
-        let mut file = OpenOptions::new().read(true).open(path)?;
+        Self::from_file(OpenOptions::new().read(true).open(path)?, path)
+    }
+
+    /// Size the opened file (a block device's size is where a seek to the end lands).
+    fn from_file(mut file: File, path: &Path) -> io::Result<Self> {
         let meta = file.metadata()?;
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {

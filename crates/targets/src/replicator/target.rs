@@ -112,6 +112,26 @@ pub struct ReplicatorTarget {
     pending: Mutex<Option<Reload>>,
 }
 
+impl ReplicatorTarget {
+    fn build(
+        ctx: &BuildContext<'_>,
+        seg: &SegmentSpec,
+        spec: ReplicatorSpec,
+        handle: Arc<GroupHandle>,
+        group: Arc<Group>,
+        pending: Option<Reload>,
+    ) -> Arc<dyn Target> {
+        Arc::new(ReplicatorTarget {
+            name: ctx.device_name.to_string(),
+            spec,
+            handle,
+            group,
+            len_sectors: seg.len,
+            pending: Mutex::new(pending),
+        })
+    }
+}
+
 /// What a reloaded table changes in the live group.
 struct Reload {
     policies: Vec<(u16, Policy, Thresholds)>,
@@ -178,14 +198,7 @@ fn reload(
         new_slinks.push((SlinkSetup { nr: s.nr as u16, handler: h, policy, thresholds }, reps));
     }
     handle.users.fetch_add(1, Ordering::SeqCst);
-    Ok(Arc::new(ReplicatorTarget {
-        name: ctx.device_name.to_string(),
-        spec,
-        handle,
-        group,
-        len_sectors: seg.len,
-        pending: Mutex::new(Some(Reload { policies, new_slinks })),
-    }))
+    Ok(ReplicatorTarget::build(ctx, seg, spec, handle, group, Some(Reload { policies, new_slinks })))
 }
 
 pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
@@ -320,14 +333,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         fresh_log,
     });
     ctx.devices.publish(ctx.device_name, handle.clone());
-    Ok(Arc::new(ReplicatorTarget {
-        name: ctx.device_name.to_string(),
-        spec,
-        handle,
-        group,
-        len_sectors: seg.len,
-        pending: Mutex::new(None),
-    }))
+    Ok(ReplicatorTarget::build(ctx, seg, spec, handle, group, None))
 }
 
 impl Target for ReplicatorTarget {

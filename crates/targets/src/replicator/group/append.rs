@@ -33,7 +33,7 @@ fn entry_kind(op: Op) -> EntryKind {
 
 /// Plan a batch from the queue front: slices within batch limits and every async
 /// SLINK's fall-behind admission. Takes the planned pendings off the queue.
-fn plan(st: &mut State, now: Instant) -> Option<(Vec<Pending>, Vec<Slice>)> {
+fn plan(st: &mut State, now: Instant, batch_bytes: u64) -> Option<(Vec<Pending>, Vec<Slice>)> {
     if st.queue.is_empty() {
         return None;
     }
@@ -45,7 +45,7 @@ fn plan(st: &mut State, now: Instant) -> Option<(Vec<Pending>, Vec<Slice>)> {
         let mut at = p.appended;
         loop {
             let n = (p.req.len - at).min(if data { MAX_ENTRY_DATA } else { u32::MAX as u64 & !511 });
-            if sizes.len() >= MAX_BATCH_ENTRIES || (bytes + n > MAX_BATCH_BYTES && !sizes.is_empty()) {
+            if sizes.len() >= MAX_BATCH_ENTRIES || (bytes + n > batch_bytes && !sizes.is_empty()) {
                 break 'outer;
             }
             sizes.push((n, if data { n } else { 0 }));
@@ -87,6 +87,9 @@ fn plan(st: &mut State, now: Instant) -> Option<(Vec<Pending>, Vec<Slice>)> {
 }
 
 pub(super) fn appender(inner: Arc<Inner>) {
+    // A batch must fit in the ring with room to spare, however small the log: a quarter
+    // of the ring (at least one maximal entry is always admitted alone).
+    let batch_bytes = MAX_BATCH_BYTES.min(inner.log.stats().ring_len / 4);
     loop {
         let (mut pendings, slices, waits, slinks, unordered) = {
             let mut st = inner.st.lock();
@@ -95,7 +98,7 @@ pub(super) fn appender(inner: Arc<Inner>) {
                     return;
                 }
                 resync::maybe_reorder(&inner, &mut st);
-                if let Some(p) = plan(&mut st, Instant::now()) {
+                if let Some(p) = plan(&mut st, Instant::now(), batch_bytes) {
                     break p;
                 }
                 inner.appender_cv.wait_for(&mut st, TICK);

@@ -97,6 +97,10 @@ pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
     let Some(handler) = inner.handler(nr) else { return };
     let mut backoff = PROBE_MIN;
     let mut next_probe = Instant::now();
+    // Backoff and the outage's start reset only once real work succeeded after a
+    // failure, so a site that answers probes but fails I/O is not reported as flapping.
+    let mut healthy = true;
+    let mut down_since: Option<SystemTime> = None;
     let mut cursor = match CursorPipe::new(inner.clone(), nr) {
         Ok(c) => c,
         Err(e) => {
@@ -133,9 +137,7 @@ pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
                     let mut st = inner.st.lock();
                     let rt = st.slinks.get_mut(&nr).expect("slink");
                     rt.accessible = true;
-                    rt.down_since = None;
-                    info!(group = %inner.name, slink = nr, "slink accessible again; resuming shipping");
-                    backoff = PROBE_MIN;
+                    info!(group = %inner.name, slink = nr, "slink answers again; resuming shipping");
                 }
                 Err(e) => {
                     backoff = (backoff * 2).min(PROBE_MAX);
@@ -143,38 +145,70 @@ pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
                     inner.st.lock().slinks.get_mut(&nr).expect("slink").last_error = Some(e.to_string());
                 }
             },
-            Work::Resync => {
-                if let Err(e) = resync::step(&inner, nr, &*handler) {
-                    warn!(group = %inner.name, slink = nr, "resync failed, marking inaccessible: {e}");
-                    let mut st = inner.st.lock();
-                    let rt = st.slinks.get_mut(&nr).expect("slink");
-                    rt.accessible = false;
-                    rt.down_since = Some(SystemTime::now());
-                    rt.last_error = Some(e.to_string());
-                    backoff = PROBE_MIN;
+            Work::Resync => match resync::step(&inner, nr, &*handler) {
+                Ok(()) => recovered(&inner, nr, &mut healthy, &mut backoff, &mut down_since),
+                Err(e) => {
+                    went_down(&inner, nr, "resync", &e, &mut healthy, &mut backoff, &mut down_since);
                     next_probe = Instant::now() + backoff;
                 }
-            }
+            },
             Work::Apply(gen, batch) => match apply(&inner, nr, &*handler, gen, batch) {
                 Ok(None) => {}
                 Ok(Some(last)) => {
+                    recovered(&inner, nr, &mut healthy, &mut backoff, &mut down_since);
                     if let Err(e) = cursor.persist(last) {
                         warn!(group = %inner.name, slink = nr, "persisting the slink cursor failed: {e}");
                         inner.st.lock().log_error = Some(format!("persisting slink {nr} cursor: {e}"));
                     }
                 }
                 Err(e) => {
-                    warn!(group = %inner.name, slink = nr, "slink failed, marking inaccessible: {e}");
-                    let mut st = inner.st.lock();
-                    let rt = st.slinks.get_mut(&nr).expect("slink");
-                    rt.accessible = false;
-                    rt.down_since = Some(SystemTime::now());
-                    rt.last_error = Some(e.to_string());
-                    backoff = PROBE_MIN;
+                    went_down(&inner, nr, "applying entries", &e, &mut healthy, &mut backoff, &mut down_since);
                     next_probe = Instant::now() + backoff;
                 }
             },
         }
+    }
+}
+
+/// An SLINK's site failed: mark it inaccessible (it is probed with backoff). A failure
+/// right after a successful probe keeps the outage's start and the growing backoff.
+fn went_down(
+    inner: &Inner,
+    nr: u16,
+    doing: &str,
+    e: &io::Error,
+    healthy: &mut bool,
+    backoff: &mut std::time::Duration,
+    down_since: &mut Option<SystemTime>,
+) {
+    if std::mem::replace(healthy, false) {
+        warn!(group = %inner.name, slink = nr, "{doing} failed, marking the slink inaccessible: {e}");
+        *backoff = PROBE_MIN;
+        *down_since = Some(SystemTime::now());
+    } else {
+        *backoff = (*backoff * 2).min(PROBE_MAX);
+    }
+    let mut st = inner.st.lock();
+    let rt = st.slinks.get_mut(&nr).expect("slink");
+    rt.accessible = false;
+    rt.down_since = *down_since;
+    rt.last_error = Some(e.to_string());
+}
+
+/// Real work succeeded: an outage, if there was one, is over.
+fn recovered(
+    inner: &Inner,
+    nr: u16,
+    healthy: &mut bool,
+    backoff: &mut std::time::Duration,
+    down_since: &mut Option<SystemTime>,
+) {
+    if !std::mem::replace(healthy, true) {
+        *backoff = PROBE_MIN;
+        if let Some(t) = down_since.take() {
+            info!(group = %inner.name, slink = nr, down_for = ?t.elapsed().unwrap_or_default(), "slink back after an outage");
+        }
+        inner.st.lock().slinks.get_mut(&nr).expect("slink").down_since = None;
     }
 }
 

@@ -283,7 +283,9 @@ impl Group {
             let Some(last) = batch.last().map(|e| e.seq) else { break };
             for e in batch {
                 for (nr, rt) in rts.iter_mut() {
-                    if e.slinks.contains(*nr) && e.seq > rt.applied {
+                    // Only SLINKs in ordered mode ship entries; the others have them as
+                    // dirty regions already.
+                    if rt.ordered && e.slinks.contains(*nr) && e.seq > rt.applied {
                         rt.outstanding.push_back((e.seq, e.len as u64, now));
                         rt.out_bytes += e.len as u64;
                         if *nr == 0 {

@@ -288,6 +288,8 @@ pub(super) fn maybe_reorder(inner: &Inner, st: &mut State) {
         rt.ordered = true;
         rt.gen += 1;
         rt.applied = applied;
+        rt.outstanding.clear();
+        rt.out_bytes = 0;
         let took = rt.resync.started.map(|t| t.elapsed());
         info!(
             group = %inner.name, slink = nr, regions = rt.resync.regions_done, bytes = rt.resync.bytes_copied, took = ?took,

@@ -104,11 +104,17 @@ impl SlinkHandler for LocalSlink {
         self.dev(dev_nr)?.read_at(buf, offset)
     }
 
+    /// Exercise the write path down to the device: a read alone may be answered by
+    /// the page cache while the device is dead. Sector 0 is written back with its own
+    /// contents and synced; nothing else writes to this SLINK's devices while it is
+    /// down (the copier that would is the one probing).
     fn probe(&self) -> io::Result<()> {
         let devs: Vec<_> = self.devs.read().values().map(|d| d.backend.clone()).collect();
         let mut sector = [0u8; 512];
         for d in devs {
             d.read_at(&mut sector, 0)?;
+            d.write_at(&sector, 0)?;
+            d.sync()?;
         }
         Ok(())
     }
