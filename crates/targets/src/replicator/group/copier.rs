@@ -326,7 +326,8 @@ fn apply(
         ready.push((a.req, a.done));
     }
     // Data every SLINK has applied leaves the cache.
-    let min_applied = st.slinks.values().map(|r| r.applied).min().unwrap_or(0);
+    // (SLINKs out of ordered mode need no entries: they do not hold the cache.)
+    let min_applied = st.slinks.values().filter(|r| r.ordered).map(|r| r.applied).min().unwrap_or(0);
     while let Some((&seq, _)) = st.cache.first_key_value() {
         if seq > min_applied {
             break;
