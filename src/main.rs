@@ -29,6 +29,7 @@ pub enum Command {
     Daemon(run_daemon::DaemonArgs),
     /// Create a device and activate TABLE (a file, `-` for stdin, or --table TEXT).
     Create {
+        /// The device (and NBD export) name: letters, digits and . _ + -
         name: String,
         /// Table file, or `-` for standard input.
         table_file: Option<PathBuf>,
@@ -41,26 +42,44 @@ pub enum Command {
     },
     /// Load TABLE as the device's inactive table; `resume` makes it active.
     Load {
+        /// The device.
         name: String,
+        /// Table file, or `-` for standard input.
         table_file: Option<PathBuf>,
+        /// The table itself.
         #[arg(long, conflicts_with = "table_file")]
         table: Option<String>,
     },
     /// Drop the device's inactive table.
-    Clear { name: String },
+    Clear {
+        /// The device.
+        name: String,
+    },
     /// Hold new I/O and wait for in-flight I/O to finish. Nothing is failed.
-    Suspend { name: String },
+    Suspend {
+        /// The device.
+        name: String,
+    },
     /// Swap in a loaded table (if any) and let I/O flow again.
-    Resume { name: String },
+    Resume {
+        /// The device.
+        name: String,
+    },
     /// Remove a device. Refused while an NBD client has it open, unless --force.
     Remove {
+        /// The device.
         name: String,
         /// Remove even if open: clients' further requests fail.
         #[arg(long, short)]
         force: bool,
     },
     /// Rename a device (its NBD export name changes with it).
-    Rename { name: String, new_name: String },
+    Rename {
+        /// The device.
+        name: String,
+        /// Its new name.
+        new_name: String,
+    },
     /// Show the status of each segment of one device or all.
     Status {
         name: Option<String>,
@@ -88,15 +107,30 @@ pub enum Command {
         json: bool,
     },
     /// Send a message to the target of the segment holding SECTOR.
+    ///
+    /// Messages of a replicator control device (e.g. `dmrep message r0 0 slink 1 pause`):
+    ///   slink <nr> policy <synchronous|asynchronous>[+stall]
+    ///   slink <nr> fallbehind ios=<n>|size=<n>[k|m|g|t]|timeout=<n>[ms|s|m|h]
+    ///   slink <nr> pause | slink <nr> resume
+    ///   slink <nr> resync-rate <bytes per second, 0 = unlimited>
+    ///   stop | start            (pause / resume shipping to every SLINK but 0)
+    ///   statistics on|off|reset
+    #[command(verbatim_doc_comment)]
     Message {
+        /// The device.
         name: String,
+        /// A sector inside the segment whose target gets the message (0 for a
+        /// one-segment device).
         sector: u64,
+        /// The message words.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         message: Vec<String>,
     },
-    /// Block until a replicated group is in sync: every SLINK in ordered mode with
-    /// nothing outstanding (with --resync: only until every resync has ended). Shows
-    /// progress: a bar on a terminal, a line per second otherwise.
+    /// Block until a replicated group is in sync, showing progress.
+    ///
+    /// In sync: every SLINK in ordered mode with nothing outstanding (with --resync: only
+    /// until every resync has ended). Progress is a bar on a terminal, a line per second
+    /// otherwise. Exit status 1 on --timeout.
     Wait {
         /// A replicator control device or one of its replicator-dev devices.
         name: String,
