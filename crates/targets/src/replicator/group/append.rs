@@ -207,7 +207,9 @@ fn finish_append(
             st.cache.insert(m.seq, Chunk { buf, start: s.start as usize, len: s.len as usize });
         }
         for (nr, rt) in st.slinks.iter_mut() {
-            if m.slinks.contains(*nr) {
+            // An SLINK that left ordered mode during the append (initial sync of a new
+            // RD) has every region dirty already: it does not queue entries.
+            if m.slinks.contains(*nr) && rt.ordered {
                 rt.outstanding.push_back((m.seq, m.len as u64, now));
                 rt.out_bytes += m.len as u64;
             }
@@ -227,9 +229,10 @@ fn finish_append(
             st.queue.push_front(p);
             continue;
         }
-        // Slices already applied by a fast copier? Only SLINKs behind the last seq wait.
+        // Only SLINKs still in ordered mode and behind the last seq are waited for
+        // (a fast copier may have applied the slices already).
         let seq = last_seq[i];
-        p.wait.retain(|nr| st.slinks.get(nr).is_some_and(|rt| rt.applied < seq));
+        p.wait.retain(|nr| st.slinks.get(nr).is_some_and(|rt| rt.ordered && rt.applied < seq));
         if p.wait.is_empty() {
             ready.push((p.req, p.done));
         } else {
