@@ -15,6 +15,13 @@ use super::{
 };
 use crate::replicator::log::{EntryKind, EntryMeta, NewEntry, SlinkSet};
 
+/// Fewest writes in the previous batch for the appender to gather before the next one.
+const GATHER_MIN_ACKED: usize = 4;
+
+/// Longest the appender waits to gather writes: a fraction of one log sync (~0.2-1 ms
+/// here), so a batch never waits longer than it would save.
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(150);
+
 /// One slice of a pending write planned into a batch.
 struct Slice {
     /// Index into the batch's pendings.
@@ -90,9 +97,21 @@ pub(super) fn appender(inner: Arc<Inner>) {
     // A batch must fit in the ring with room to spare, however small the log: a quarter
     // of the ring (at least one maximal entry is always admitted alone).
     let batch_bytes = MAX_BATCH_BYTES.min(inner.log.stats().ring_len / 4);
+    // Writes acknowledged by the previous batch: their clients are likely to send about
+    // as many again right away (a queue depth at work).
+    let mut last_acked = 0usize;
     loop {
         let (mut pendings, slices, waits, slinks, unordered) = {
             let mut st = inner.st.lock();
+            // Gather: with several writers at work, wait a moment for about half as many
+            // writes as the last batch acknowledged, so one sync serves more of them. A
+            // lone writer (QD1) never waits.
+            if last_acked >= GATHER_MIN_ACKED {
+                let until = Instant::now() + GATHER_WAIT;
+                while !st.shutdown && st.queue.len() < last_acked / 2 && Instant::now() < until {
+                    inner.appender_cv.wait_until(&mut st, until);
+                }
+            }
             let planned = loop {
                 if st.shutdown {
                     return;
@@ -103,6 +122,7 @@ pub(super) fn appender(inner: Arc<Inner>) {
                 }
                 inner.appender_cv.wait_for(&mut st, TICK);
             };
+            last_acked = planned.0.len();
             let now = Instant::now();
             // Every SLINK in ordered mode needs the new entries; the others get their
             // regions marked dirty instead.

@@ -4,12 +4,11 @@
 
 use std::io;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
 
 use tracing::{info, warn};
 
-use super::{resync, update_mode, Chunk, Inner, State, MAX_APPLY_ENTRIES, PROBE_MAX, PROBE_MIN, TICK};
+use super::{cursors, resync, update_mode, Chunk, Inner, State, MAX_APPLY_ENTRIES, PROBE_MAX, PROBE_MIN, TICK};
 use crate::replicator::log::{EntryKind, EntryMeta};
 use crate::replicator::slink::{ApplyEntry, SlinkHandler};
 
@@ -20,79 +19,6 @@ enum Work {
     Probe,
 }
 
-/// Persists one SLINK's cursor in the log off the copier's path, so that epoch e's
-/// cursor is written while epoch e+1's data goes to the site.
-///
-/// Order rule (why this is safe): after a crash the copier re-applies every entry after
-/// the durable cursor. Re-applying epoch e over a site that also holds part of e+1 is
-/// harmless (e+1's writes were concurrent with each other), but re-applying e-1 over e+1
-/// could roll back a block e+1 depends on. So before epoch e+1 starts, the cursor of
-/// epoch e-1 must be durable: the copier waits for the previous persist before
-/// handing over the next one, and only then takes new work.
-struct CursorPipe {
-    tx: Option<crossbeam_channel::Sender<u64>>,
-    done: crossbeam_channel::Receiver<Result<(), String>>,
-    in_flight: bool,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl CursorPipe {
-    fn new(inner: Arc<Inner>, nr: u16) -> io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::bounded::<u64>(1);
-        let (dtx, done) = crossbeam_channel::bounded(1);
-        let thread = std::thread::Builder::new().name(format!("{}-cursor{nr}", inner.name)).spawn(move || {
-            for seq in rx {
-                let t0 = Instant::now();
-                let r = match inner.log.set_cursors(&[(nr, seq)]) {
-                    // The SLINK left (and maybe re-entered) ordered mode since: the
-                    // persisted state already moved past this cursor.
-                    Err(
-                        crate::replicator::log::LogError::UnknownSlink(_)
-                        | crate::replicator::log::LogError::CursorBackwards { .. },
-                    ) => Ok(()),
-                    r => r.map_err(|e| e.to_string()),
-                };
-                if let Some(rt) = inner.st.lock().slinks.get_mut(&nr) {
-                    rt.cursor_us += t0.elapsed().as_micros() as u64;
-                }
-                if dtx.send(r).is_err() {
-                    return;
-                }
-            }
-        })?;
-        Ok(CursorPipe { tx: Some(tx), done, in_flight: false, thread: Some(thread) })
-    }
-
-    /// Wait for the persist in flight, if any.
-    fn wait(&mut self) -> Result<(), String> {
-        if std::mem::take(&mut self.in_flight) {
-            return self.done.recv().unwrap_or_else(|_| Err("cursor thread gone".into()));
-        }
-        Ok(())
-    }
-
-    /// Wait for the previous persist, then start persisting `seq`.
-    fn persist(&mut self, seq: u64) -> Result<(), String> {
-        let prev = self.wait();
-        if let Some(tx) = &self.tx {
-            if tx.send(seq).is_ok() {
-                self.in_flight = true;
-            }
-        }
-        prev
-    }
-}
-
-impl Drop for CursorPipe {
-    fn drop(&mut self) {
-        let _ = self.wait();
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
     let Some(handler) = inner.handler(nr) else { return };
     let mut backoff = PROBE_MIN;
@@ -101,13 +27,7 @@ pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
     // failure, so a site that answers probes but fails I/O is not reported as flapping.
     let mut healthy = true;
     let mut down_since: Option<SystemTime> = None;
-    let mut cursor = match CursorPipe::new(inner.clone(), nr) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(group = %inner.name, slink = nr, "cannot start the cursor thread: {e}");
-            return;
-        }
-    };
+    let mut cursor = cursors::CopierCursor::new(&inner, nr);
     loop {
         let work = {
             let mut st = inner.st.lock();
@@ -156,10 +76,7 @@ pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
                 Ok(None) => {}
                 Ok(Some(last)) => {
                     recovered(&inner, nr, &mut healthy, &mut backoff, &mut down_since);
-                    if let Err(e) = cursor.persist(last) {
-                        warn!(group = %inner.name, slink = nr, "persisting the slink cursor failed: {e}");
-                        inner.st.lock().log_error = Some(format!("persisting slink {nr} cursor: {e}"));
-                    }
+                    cursor.persist(last);
                 }
                 Err(e) => {
                     went_down(&inner, nr, "applying entries", &e, &mut healthy, &mut backoff, &mut down_since);

@@ -31,6 +31,7 @@ use super::slink::SlinkHandler;
 
 mod append;
 mod copier;
+mod cursors;
 mod resync;
 pub use resync::ResyncStatus;
 
@@ -217,6 +218,8 @@ pub(crate) struct Inner {
     /// SLINK handlers; an SLINK can be added to a live group (table reload).
     handlers: parking_lot::RwLock<BTreeMap<u16, Arc<dyn SlinkHandler>>>,
     st: Mutex<State>,
+    /// Persists the SLINKs' cursors, coalescing concurrent updates.
+    cursors: cursors::Committer,
     /// Serialises "mark regions dirty + publish the write" against "check + clear a
     /// resynced region" (taken before `st`).
     dirty_lock: Mutex<()>,
@@ -228,7 +231,10 @@ pub(crate) struct Inner {
 /// A running replication group.
 pub struct Group {
     pub(crate) inner: Arc<Inner>,
+    /// The appender and the copiers.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The cursor committer: stopped after the copiers, which wait for it.
+    committer: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn errno(e: i32) -> io::Error {
@@ -317,6 +323,7 @@ impl Group {
                 in_copy: BTreeSet::new(),
             }),
             dirty_lock: Mutex::new(()),
+            cursors: cursors::Committer::default(),
             appender_cv: Condvar::new(),
             copier_cv: Condvar::new(),
             recovery,
@@ -330,7 +337,9 @@ impl Group {
                 std::thread::Builder::new().name(format!("{name}-slink{nr}")).spawn(move || copier::copier(i, nr))?,
             );
         }
-        Ok(Arc::new(Group { inner, threads: Mutex::new(threads) }))
+        let i = inner.clone();
+        let committer = std::thread::Builder::new().name(format!("{name}-cursors")).spawn(move || cursors::run(&i))?;
+        Ok(Arc::new(Group { inner, threads: Mutex::new(threads), committer: Mutex::new(Some(committer)) }))
     }
 
     pub fn name(&self) -> &str {
@@ -490,6 +499,10 @@ impl Group {
             a.done.complete(a.req, Err(errno(108)));
         }
         for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+        self.inner.cursors.stop();
+        if let Some(t) = self.committer.lock().take() {
             let _ = t.join();
         }
         let _ = self.inner.log.sync();
