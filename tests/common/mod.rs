@@ -523,4 +523,5 @@ impl HoldingClient {
         (st, out)
     }
 }
+pub mod block;
 pub mod faulty;
