@@ -66,7 +66,7 @@ fn rd_frozen_mid_workload_is_a_consistent_file_system() {
             while !stop.load(Ordering::SeqCst) && i < 2000 {
                 let p = mnt.join(format!("b{}", i % 200));
                 std::fs::write(&p, file_bytes(i, 16 * 1024 + (i % 17) * 4096)).unwrap();
-                if i % 10 == 0 {
+                if i.is_multiple_of(10) {
                     let _ = std::fs::remove_file(mnt.join(format!("b{}", (i + 100) % 200)));
                     let f = std::fs::File::open(&mnt).unwrap();
                     f.sync_all().unwrap();
