@@ -43,13 +43,18 @@ fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-#[test]
-fn forced_sync_at_threshold_and_back() {
+/// A group over in-memory devices: an LD on SLINK 0 (asynchronous) and an RD on SLINK 1
+/// with `policy` and `thresholds`. Returns the group and both devices.
+fn group_with(
+    policy: Policy,
+    thresholds: Thresholds,
+    rd_write_delay: Option<Duration>,
+) -> (Arc<Group>, Arc<MemBackend>, Arc<MemBackend>) {
     let log_dev: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(64 << 20));
     let log = RingLog::create(log_dev, 0, 64 << 20).unwrap();
     let ld = Arc::new(MemBackend::new(DEV));
     let rd = Arc::new(MemBackend::new(DEV));
-    rd.faults().set_write_delay(Some(Duration::from_millis(3)));
+    rd.faults().set_write_delay(rd_write_delay);
     let s0 = Arc::new(LocalSlink::new());
     s0.override_path("ld", ld.clone());
     s0.attach(0, "ld", DEV).unwrap();
@@ -58,7 +63,7 @@ fn forced_sync_at_threshold_and_back() {
     s1.attach(0, "rd", DEV).unwrap();
     let async_ = Policy { synchronous: false, stall: false };
     let group = Group::start(
-        "fb",
+        "test",
         log,
         "mem".into(),
         None,
@@ -69,15 +74,20 @@ fn forced_sync_at_threshold_and_back() {
                 policy: async_,
                 thresholds: Thresholds::default(),
             },
-            SlinkSetup {
-                nr: 1,
-                handler: s1 as Arc<dyn SlinkHandler>,
-                policy: async_,
-                thresholds: Thresholds { ios: Some(BOUND), ..Default::default() },
-            },
+            SlinkSetup { nr: 1, handler: s1 as Arc<dyn SlinkHandler>, policy, thresholds },
         ],
     )
     .unwrap();
+    (group, ld, rd)
+}
+
+#[test]
+fn forced_sync_at_threshold_and_back() {
+    let (group, ld, rd) = group_with(
+        Policy { synchronous: false, stall: false },
+        Thresholds { ios: Some(BOUND), ..Default::default() },
+        Some(Duration::from_millis(3)),
+    );
 
     // Watch the lag of SLINK 1 the whole time.
     let stop = Arc::new(AtomicBool::new(false));
@@ -132,37 +142,7 @@ fn forced_sync_at_threshold_and_back() {
 
 #[test]
 fn synchronous_slink_has_the_write_at_acknowledgement() {
-    let log_dev: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(16 << 20));
-    let log = RingLog::create(log_dev, 0, 16 << 20).unwrap();
-    let ld = Arc::new(MemBackend::new(DEV));
-    let rd = Arc::new(MemBackend::new(DEV));
-    let s0 = Arc::new(LocalSlink::new());
-    s0.override_path("ld", ld.clone());
-    s0.attach(0, "ld", DEV).unwrap();
-    let s1 = Arc::new(LocalSlink::new());
-    s1.override_path("rd", rd.clone());
-    s1.attach(0, "rd", DEV).unwrap();
-    let group = Group::start(
-        "sy",
-        log,
-        "mem".into(),
-        None,
-        vec![
-            SlinkSetup {
-                nr: 0,
-                handler: s0 as Arc<dyn SlinkHandler>,
-                policy: Policy { synchronous: false, stall: false },
-                thresholds: Thresholds::default(),
-            },
-            SlinkSetup {
-                nr: 1,
-                handler: s1 as Arc<dyn SlinkHandler>,
-                policy: Policy { synchronous: true, stall: false },
-                thresholds: Thresholds::default(),
-            },
-        ],
-    )
-    .unwrap();
+    let (group, _ld, rd) = group_with(Policy { synchronous: true, stall: false }, Thresholds::default(), None);
     for i in 0..50u64 {
         let w = Arc::new(dmrep_core::device::WaitSink::default());
         group.submit_write(
