@@ -324,7 +324,6 @@ impl MappedDevice {
     /// with `EINVAL` (beyond the end: `ENOSPC` for writes, as NBD asks).
     pub fn submit(&self, req: Request, sink: Arc<dyn IoSink>) {
         if !self.gate.enter() {
-            let sink = sink;
             sink.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error())));
             return;
         }
@@ -345,6 +344,11 @@ impl MappedDevice {
                 done.complete(req, Err(io::Error::from_raw_os_error(errno.raw_os_error())));
                 return;
             }
+        }
+        if req.len == 0 {
+            // Nothing to do, and no segment to name when `offset` is the device's end.
+            done.complete(req, Ok(()));
+            return;
         }
         let first = table.segment_at(req.offset);
         let seg = &table.segments[first];
@@ -488,5 +492,60 @@ impl MappedDevice {
         let sink = Arc::new(WaitSink::default());
         self.submit(req, sink.clone());
         sink.wait()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmrep_formats::table::SegmentSpec;
+
+    /// A target that reads zeros and counts what reaches it.
+    struct Counting(std::sync::atomic::AtomicU32);
+
+    impl Target for Counting {
+        fn type_name(&self) -> &'static str {
+            "counting"
+        }
+        fn submit(&self, mut req: Request, done: Completion) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            req.buf.fill(0);
+            done.complete(req, Ok(()));
+        }
+    }
+
+    fn device(segments: u64) -> (Arc<MappedDevice>, Vec<Arc<Counting>>) {
+        let dev = MappedDevice::new("t", None);
+        let targets: Vec<Arc<Counting>> = (0..segments).map(|_| Arc::new(Counting(0.into()))).collect();
+        let spec = TableSpec {
+            segments: (0..segments)
+                .map(|i| SegmentSpec { start: i * 8, len: 8, target: "counting".into(), args: vec![], line: 0 })
+                .collect(),
+        };
+        dev.load(LiveTable::new(spec, targets.iter().map(|t| t.clone() as Arc<dyn Target>).collect()));
+        dev.resume();
+        (dev, targets)
+    }
+
+    #[test]
+    fn zero_length_requests_complete_without_reaching_a_target() {
+        let (dev, targets) = device(2);
+        for (op, off) in [(Op::Read, 8192), (Op::Write { fua: false }, 8192), (Op::Read, 4096), (Op::Discard, 0)] {
+            let (_, r) = dev.submit_wait(Request::new(op, off, 0, Vec::new(), 0));
+            assert!(r.is_ok(), "{op:?} of 0 bytes at {off}: {r:?}");
+        }
+        assert!(targets.iter().all(|t| t.0.load(Ordering::SeqCst) == 0));
+        // Past the end is still an error.
+        let (_, r) = dev.submit_wait(Request::new(Op::Read, 8193, 0, Vec::new(), 0));
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(22));
+    }
+
+    #[test]
+    fn a_request_across_segments_is_split_and_joined() {
+        let (dev, targets) = device(2);
+        let (req, r) = dev.submit_wait(Request::new(Op::Read, 2048, 4096, vec![1; 4096], 0));
+        r.unwrap();
+        assert!(req.buf.iter().all(|&b| b == 0));
+        assert!(targets.iter().all(|t| t.0.load(Ordering::SeqCst) == 1));
     }
 }
