@@ -75,31 +75,46 @@ pub fn thresholds_of(f: &dmrep_formats::replicator_table::FallBehind) -> Thresho
     Thresholds { ios: f.ios, bytes: f.size_bytes, timeout: f.timeout_ms.map(Duration::from_millis) }
 }
 
-/// Build the dirty log of a replica and attach it to the group. A `sync` dirty log
-/// starts all dirty (initial full copy) when the RD is new to the group: the log was
-/// created now, or (disk) the dirty log file was formatted now.
-fn attach_dirty(
+/// A replica's dirty log, opened (a new `disk` log is formatted), and whether every
+/// region must start dirty. A `sync` dirty log means an initial full copy when the RD is
+/// new to the group (`new_rd`: the group's log was created now, or the SLINK is being
+/// added); a `disk` log formatted now already starts all dirty, an existing one is
+/// trusted. `None` for the LD (no dirty log).
+type OpenedDirty = Option<(Arc<dyn DirtyLog>, bool)>;
+
+fn open_dirty(r: &ReplicaSpec, dev_bytes: u64, new_rd: bool) -> Result<OpenedDirty, TargetError> {
+    Ok(match &r.dirty_log {
+        DirtyLogSpec::None => None,
+        DirtyLogSpec::Core { region_sectors, sync } => {
+            Some((Arc::new(CoreLog::new(dev_bytes, sectors_to_bytes(*region_sectors))), *sync && new_rd))
+        }
+        DirtyLogSpec::Disk { path, region_sectors, sync } => {
+            let (l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
+                .map_err(|e| TargetError::params(T, e.to_string()))?;
+            Some((Arc::new(l), false))
+        }
+    })
+}
+
+/// Attach an opened dirty log of device `dev_nr`'s replica `r` to the group.
+fn attach_opened(
     group: &Group,
     dev_nr: u32,
     r: &ReplicaSpec,
     dev_bytes: u64,
-    fresh_log: bool,
+    opened: OpenedDirty,
 ) -> Result<(), TargetError> {
-    let (log, initial): (Arc<dyn DirtyLog>, bool) = match &r.dirty_log {
-        DirtyLogSpec::None => return Ok(()),
-        DirtyLogSpec::Core { region_sectors, sync } => {
-            (Arc::new(CoreLog::new(dev_bytes, sectors_to_bytes(*region_sectors))), *sync && fresh_log)
-        }
-        DirtyLogSpec::Disk { path, region_sectors, sync } => {
-            // A freshly formatted `sync` log starts all dirty; an existing one is trusted.
-            let (l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
-                .map_err(|e| TargetError::params(T, e.to_string()))?;
-            (Arc::new(l), false)
-        }
-    };
-    group
-        .attach_dirty_log(r.slink_nr as u16, dev_nr, log, dev_bytes, initial)
-        .map_err(|e| TargetError::Device { path: r.path.clone(), source: e })
+    match opened {
+        None => Ok(()),
+        Some((log, initial)) => group
+            .attach_dirty_log(r.slink_nr as u16, dev_nr, log, dev_bytes, initial)
+            .map_err(|e| TargetError::Device { path: r.path.clone(), source: e }),
+    }
+}
+
+/// Open a replica's dirty log and attach it to the group.
+fn attach_dirty(group: &Group, dev_nr: u32, r: &ReplicaSpec, dev_bytes: u64, new_rd: bool) -> Result<(), TargetError> {
+    attach_opened(group, dev_nr, r, dev_bytes, open_dirty(r, dev_bytes, new_rd)?)
 }
 
 pub struct ReplicatorTarget {
@@ -107,7 +122,6 @@ pub struct ReplicatorTarget {
     spec: ReplicatorSpec,
     handle: Arc<GroupHandle>,
     group: Arc<Group>,
-    len_sectors: u64,
     /// A reloaded table's changes, applied when it becomes live (resume).
     pending: Mutex<Option<Reload>>,
 }
@@ -115,7 +129,6 @@ pub struct ReplicatorTarget {
 impl ReplicatorTarget {
     fn build(
         ctx: &BuildContext<'_>,
-        seg: &SegmentSpec,
         spec: ReplicatorSpec,
         handle: Arc<GroupHandle>,
         group: Arc<Group>,
@@ -126,17 +139,20 @@ impl ReplicatorTarget {
             spec,
             handle,
             group,
-            len_sectors: seg.len,
             pending: Mutex::new(pending),
         })
     }
 }
 
-/// What a reloaded table changes in the live group.
+/// What a reloaded table changes in the live group: new policies, and new SLINKs with
+/// their devices attached and their dirty logs opened (so errors surface at `load`).
 struct Reload {
     policies: Vec<(u16, Policy, Thresholds)>,
-    new_slinks: Vec<(SlinkSetup, Vec<(u32, ReplicaSpec)>)>,
+    new_slinks: Vec<(SlinkSetup, Vec<NewReplica>)>,
 }
+
+/// A device of a new SLINK: its dev_nr, its replica and its opened dirty log.
+type NewReplica = (u32, ReplicaSpec, OpenedDirty);
 
 /// A table for a control device whose group is live: the same log, the same devices on
 /// the existing SLINKs; SLINKs may be added and policies changed. Prepared (new devices
@@ -172,15 +188,10 @@ fn reload(
             ));
         }
     }
+    // (Transports and per-device replicas were checked by `construct`.)
     let mut policies = Vec::new();
     let mut new_slinks = Vec::new();
     for s in &spec.slinks {
-        if s.kind != SlinkKind::Local {
-            return Err(TargetError::params(
-                T,
-                format!("slink {}: transport \"{}\" is not available in this build", s.nr, s.kind.name()),
-            ));
-        }
         let (policy, thresholds) = (policy_of(&s.policy), thresholds_of(&s.fallbehind));
         if live.contains(&(s.nr as u16)) {
             policies.push((s.nr as u16, policy, thresholds));
@@ -193,12 +204,12 @@ fn reload(
                 TargetError::params(T, format!("device {}: no device on new slink {}", d.dev_nr, s.nr))
             })?;
             h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
-            reps.push((d.dev_nr, r.clone()));
+            reps.push((d.dev_nr, r.clone(), open_dirty(r, handle.dev_bytes, true)?));
         }
         new_slinks.push((SlinkSetup { nr: s.nr as u16, handler: h, policy, thresholds }, reps));
     }
     handle.users.fetch_add(1, Ordering::SeqCst);
-    Ok(ReplicatorTarget::build(ctx, seg, spec, handle, group, Some(Reload { policies, new_slinks })))
+    Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks })))
 }
 
 pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
@@ -333,7 +344,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         fresh_log,
     });
     ctx.devices.publish(ctx.device_name, handle.clone());
-    Ok(ReplicatorTarget::build(ctx, seg, spec, handle, group, None))
+    Ok(ReplicatorTarget::build(ctx, spec, handle, group, None))
 }
 
 impl Target for ReplicatorTarget {
@@ -459,7 +470,7 @@ impl Target for ReplicatorTarget {
                 };
                 (
                     format!("{}-{}", self.name, d.dev_nr),
-                    format!("0 {} {} {}\n", self.len_sectors, TD, dev.to_args().join(" ")),
+                    format!("0 {} {} {}\n", self.handle.dev_bytes / 512, TD, dev.to_args().join(" ")),
                 )
             })
             .collect()
@@ -478,11 +489,9 @@ impl Target for ReplicatorTarget {
                 tracing::warn!(group = %self.name, slink = nr, "slink not added: {e}");
                 continue;
             }
-            self.handle.declared.lock().extend(reps.iter().map(|(d, r)| (r.slink_nr, *d, r.path.clone())));
-            for (dev, r) in reps {
-                // A new RD: `sync` means copy everything, `nosync` trusts it.
-                let initial = matches!(r.dirty_log, DirtyLogSpec::Core { sync: true, .. });
-                if let Err(e) = attach_dirty(&self.group, dev, &r, self.handle.dev_bytes, initial) {
+            self.handle.declared.lock().extend(reps.iter().map(|(d, r, _)| (r.slink_nr, *d, r.path.clone())));
+            for (dev, r, opened) in reps {
+                if let Err(e) = attach_opened(&self.group, dev, &r, self.handle.dev_bytes, opened) {
                     tracing::warn!(group = %self.name, slink = nr, device = dev, "dirty log not attached: {e}");
                 }
             }
