@@ -219,8 +219,10 @@ fn finish_append(
     st.stats.batches += 1;
     st.stats.entries += metas.len() as u64;
     let mut last_seq: Vec<u64> = vec![0; pendings.len()];
+    let mut added: Vec<u64> = vec![0; pendings.len()];
     for (s, m) in slices.iter().zip(metas) {
         last_seq[s.p] = m.seq;
+        added[s.p] += s.len;
         if m.kind == EntryKind::Write && st.cache_bytes + m.len as u64 <= CACHE_BUDGET {
             let buf = pendings[s.p].data.clone().expect("planned");
             st.cache_bytes += m.len as u64;
@@ -243,7 +245,7 @@ fn finish_append(
     }
     for (i, mut p) in pendings.into_iter().enumerate() {
         p.wait.extend(waits.iter().copied());
-        p.appended += slices.iter().filter(|s| s.p == i).map(|s| s.len).sum::<u64>();
+        p.appended += added[i];
         if p.appended < p.req.len {
             // The rest goes in a later batch, before anything queued after it.
             st.queue.push_front(p);

@@ -87,6 +87,9 @@ pub(super) fn copier(inner: Arc<Inner>, nr: u16) {
     }
 }
 
+/// Entries looked at per step when finding an SLINK's next epoch.
+const SCAN_WINDOW: usize = 64;
+
 /// An SLINK's site failed: mark it inaccessible (it is probed with backoff). A failure
 /// right after a successful probe keeps the outage's start and the growing backoff.
 fn went_down(
@@ -140,28 +143,39 @@ fn next_epoch(
 ) -> Option<Vec<(EntryMeta, Option<Chunk>)>> {
     let rt = &st.slinks[&nr];
     let last_known = rt.outstanding.back()?.0;
-    let metas = inner.log.entries_from(rt.applied + 1, MAX_APPLY_ENTRIES);
+    // Scan the log in small windows: the first epoch is usually short, and copying
+    // thousands of entry records to apply one would be work on every pass.
+    let mut from = rt.applied + 1;
     let mut epoch = None;
     let mut out = Vec::new();
-    for m in metas {
-        if m.seq > last_known {
+    'scan: loop {
+        let metas = inner.log.entries_from(from, SCAN_WINDOW);
+        let full = metas.len() == SCAN_WINDOW;
+        let Some(next) = metas.last().map(|m| m.seq + 1) else { break };
+        for m in metas {
+            if m.seq > last_known || out.len() == MAX_APPLY_ENTRIES {
+                break 'scan;
+            }
+            if !m.slinks.contains(nr) {
+                continue;
+            }
+            match epoch {
+                None => epoch = Some(m.epoch),
+                Some(e) if e != m.epoch => break 'scan,
+                _ => {}
+            }
+            if !handler.has_device(m.dev_nr) {
+                let rt = st.slinks.get_mut(&nr).expect("slink");
+                rt.waiting_for_device = Some(m.dev_nr);
+                return None;
+            }
+            let c = st.cache.get(&m.seq).cloned();
+            out.push((m, c));
+        }
+        if !full {
             break;
         }
-        if !m.slinks.contains(nr) {
-            continue;
-        }
-        match epoch {
-            None => epoch = Some(m.epoch),
-            Some(e) if e != m.epoch => break,
-            _ => {}
-        }
-        if !handler.has_device(m.dev_nr) {
-            let rt = st.slinks.get_mut(&nr).expect("slink");
-            rt.waiting_for_device = Some(m.dev_nr);
-            return None;
-        }
-        let c = st.cache.get(&m.seq).cloned();
-        out.push((m, c));
+        from = next;
     }
     st.slinks.get_mut(&nr).expect("slink").waiting_for_device = None;
     (!out.is_empty()).then_some(out)
