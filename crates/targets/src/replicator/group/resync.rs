@@ -79,8 +79,9 @@ pub(super) fn status(st: &State, nr: u16) -> ResyncStatus {
         }
     }
     let r = &rt.resync;
+    // A rate only while a resync runs (after it, elapsed time would only dilute it).
     let rate = match r.started {
-        Some(t) if t.elapsed() > Duration::from_millis(100) => {
+        Some(t) if !rt.ordered && t.elapsed() > Duration::from_millis(100) => {
             (r.bytes_copied as f64 / t.elapsed().as_secs_f64()) as u64
         }
         _ => 0,
@@ -113,24 +114,22 @@ pub(super) fn mark_written(inner: &Inner, unordered: &[u16], metas: &[EntryMeta]
     if unordered.is_empty() {
         return Ok(());
     }
-    type Target = (u16, u32, Option<Arc<dyn DirtyLog>>);
-    let logs: Vec<Target> = {
+    // Find the logs under the lock, mark (I/O for `disk` logs) outside it.
+    let mut marks: Vec<(Arc<dyn DirtyLog>, u64, u64)> = Vec::with_capacity(metas.len() * unordered.len());
+    {
         let st = inner.st.lock();
-        let mut v = Vec::new();
         for m in metas {
             for s in unordered {
-                v.push((*s, m.dev_nr, st.dirty.get(&(*s, m.dev_nr)).map(|d| d.0.clone())));
+                let (log, _) = st
+                    .dirty
+                    .get(&(*s, m.dev_nr))
+                    .ok_or_else(|| io::Error::other(format!("slink {s} has no dirty log for device {}", m.dev_nr)))?;
+                marks.push((log.clone(), m.offset, m.len as u64));
             }
         }
-        v
-    };
-    for ((s, dev, log), m) in logs.into_iter().zip(metas.iter().flat_map(|m| unordered.iter().map(move |_| m))) {
-        match log {
-            Some(l) => l.mark_range(m.offset, m.len as u64)?,
-            None => {
-                return Err(io::Error::other(format!("slink {s} has no dirty log for device {dev}")));
-            }
-        }
+    }
+    for (log, offset, len) in marks {
+        log.mark_range(offset, len)?;
     }
     Ok(())
 }
