@@ -243,6 +243,8 @@ impl<'de> Deserialize<'de> for SlinkSet {
 /// | 2672 | 1424 | reserved, zero | |
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Superblock {
+    /// Serialised as the usual hyphenated text.
+    #[serde(serialize_with = "uuid_text")]
     pub uuid: [u8; 16],
     pub region_size: u64,
     pub ring_offset: u64,
@@ -255,6 +257,10 @@ pub struct Superblock {
     pub next_epoch: u64,
     /// `(slink, applied_seq)`, sorted by slink, unique, at most [`MAX_CURSORS`].
     pub cursors: Vec<(u16, u64)>,
+}
+
+fn uuid_text<S: serde::Serializer>(u: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&uuid::Uuid::from_bytes(*u))
 }
 
 /// Why a superblock slot is not usable.

@@ -51,41 +51,7 @@ pub struct SlotDump {
     pub offset: u64,
     /// Why the slot is not valid.
     pub error: Option<String>,
-    pub superblock: Option<SuperblockDump>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct SuperblockDump {
-    pub uuid: String,
-    pub region_size: u64,
-    pub ring_offset: u64,
-    pub ring_len: u64,
-    pub generation: u64,
-    pub incarnation: u64,
-    pub fence_seq: u64,
-    pub head_pos: u64,
-    pub head_seq: u64,
-    pub next_epoch: u64,
-    /// `(slink, applied_seq)`.
-    pub cursors: Vec<(u16, u64)>,
-}
-
-impl From<&Superblock> for SuperblockDump {
-    fn from(sb: &Superblock) -> Self {
-        SuperblockDump {
-            uuid: uuid::Uuid::from_bytes(sb.uuid).to_string(),
-            region_size: sb.region_size,
-            ring_offset: sb.ring_offset,
-            ring_len: sb.ring_len,
-            generation: sb.generation,
-            incarnation: sb.incarnation,
-            fence_seq: sb.fence_seq,
-            head_pos: sb.head_pos,
-            head_seq: sb.head_seq,
-            next_epoch: sb.next_epoch,
-            cursors: sb.cursors.clone(),
-        }
-    }
+    pub superblock: Option<Superblock>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -127,7 +93,7 @@ pub fn inspect(backend: &dyn BlockBackend, start: u64) -> Result<LogDump, LogErr
             slot: if i == 0 { "A" } else { "B" },
             offset: start + (i * SB_SLOT_SIZE) as u64,
             error: s.as_ref().err().map(|e| e.to_string()),
-            superblock: s.as_ref().ok().map(SuperblockDump::from),
+            superblock: s.as_ref().ok().cloned(),
         })
         .collect();
     let mut dump = LogDump {
@@ -204,7 +170,10 @@ impl fmt::Display for LogDump {
         writeln!(
             f,
             "  uuid {}, region {} bytes, ring {} bytes at offset {}",
-            sb.uuid, sb.region_size, sb.ring_len, sb.ring_offset
+            uuid::Uuid::from_bytes(sb.uuid),
+            sb.region_size,
+            sb.ring_len,
+            sb.ring_offset
         )?;
         writeln!(
             f,
