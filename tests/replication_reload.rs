@@ -21,6 +21,9 @@ fn slink_added_by_reload_gets_an_initial_sync_while_writes_go_on() {
          local 2 1 asynchronous 2 0 {rd} core 2 2048 nosync"
     );
     d.create("r0", &t1);
+    // Names fixed by the group: the control device and the devices its table creates.
+    assert!(d.cli_err(&["rename", "r0-0", "x"]).contains("created by the table of r0"));
+    assert!(d.cli_err(&["rename", "r0", "y"]).contains("control device"));
     qemu_io_ok(&d.uri("r0-0"), &["write -P 0x61 0 4M", "write -P 0x62 20M 3M"]);
     let t2 = format!("{t1} local 3 2 asynchronous ios=200 2 0 {rd2} core 2 2048 sync");
     d.cli_ok(&["load", "r0", "--table", &t2]);

@@ -313,8 +313,14 @@ impl Daemon {
                         "{name} is a replicator control device: its replicator-dev devices refer to it by name, so it cannot be renamed"
                     )));
                 }
-                self.devices.rename(&name, &new_name)?;
                 let uuid = dev.uuid().to_string();
+                let parent = self.records.lock().iter().find(|r| r.uuid == uuid).and_then(|r| r.companion_of.clone());
+                if let Some(parent) = parent {
+                    return Err(DaemonError::Unsupported(format!(
+                        "{name} was created by the table of {parent} and keeps the name that table gives it"
+                    )));
+                }
+                self.devices.rename(&name, &new_name)?;
                 self.persist(|r| r.iter_mut().filter(|x| x.uuid == uuid).for_each(|x| x.name = new_name.clone()))?;
                 Ok(Response::Ok)
             }
