@@ -41,6 +41,7 @@ impl Running {
     pub fn stop(self) {
         info!("shutting down");
         self.control.stop();
+        self.daemon.stop_suspended();
         self.nbd.shutdown();
         self.daemon.shutdown();
     }

@@ -201,3 +201,19 @@ fn suspend_resume_cycles_under_fio_verify() {
     assert!(cycles >= 10, "only {cycles} suspend/resume cycles overlapped fio");
     assert_eq!(d.info("cyc")["state"], "active");
 }
+
+/// SIGTERM while a suspended device holds a client's write: the daemon still exits
+/// (cleanly, at once), the held write fails and never reaches the backing file.
+#[test]
+fn sigterm_with_a_request_held_by_a_suspended_device_exits() {
+    require!("nbdsh");
+    let mut d = Daemon::start();
+    let file = d.make_file_s("held.img", 1 << 20);
+    d.create("held", &format!("0 2048 linear {file} 0"));
+    d.cli_ok(&["suspend", "held"]);
+    // The asynchronous write is on the wire when nbdsh says READY; the device holds it.
+    let _client = HoldingClient::start(&d.uri("held"), "c = h.aio_pwrite(b'\\x11' * 4096, 0)", "");
+    d.terminate();
+    let data = std::fs::read(&file).unwrap();
+    assert!(data[..4096].iter().all(|&b| b == 0), "a held, never acknowledged write reached the file");
+}

@@ -376,10 +376,24 @@ impl Daemon {
         }
     }
 
+    /// Stop the suspended devices first (SIGTERM/SIGINT): the requests they hold were
+    /// never acknowledged and fail with ESHUTDOWN, so that the NBD server can drain its
+    /// connections. Resuming them instead could swap in a loaded table.
+    pub fn stop_suspended(&self) {
+        let _g = self.ops.lock();
+        for dev in self.devices.list() {
+            if dev.state() == dmrep_core::DeviceState::Suspended {
+                warn!(device = %dev.name(), "suspended at shutdown: held requests fail");
+                dev.shutdown();
+            }
+        }
+    }
+
     /// Flush and stop every device (SIGTERM/SIGINT). I/O still arriving fails.
     pub fn shutdown(&self) {
         let _g = self.ops.lock();
-        for dev in self.devices.list() {
+        // (Devices stopped by `stop_suspended` have no live table left to flush.)
+        for dev in self.devices.list().into_iter().filter(|d| d.live_table().is_some()) {
             let (_, r) = dev.submit_wait(IoRequest::new(Op::Flush, 0, 0, Vec::new(), 0));
             if let Err(e) = r {
                 warn!(device = %dev.name(), "flush at shutdown failed: {e}");
