@@ -41,9 +41,9 @@ impl Running {
     pub fn stop(self) {
         info!("shutting down");
         self.control.stop();
-        self.daemon.stop_suspended();
-        self.nbd.shutdown();
+        // Devices first: their held requests end, so the NBD connections can drain.
         self.daemon.shutdown();
+        self.nbd.shutdown();
     }
 }
 

@@ -757,3 +757,33 @@ fn a_write_larger_than_a_small_log_goes_through() {
     assert_eq!(read_at(&f.ld, 8 * MIB - 4, 4), vec![0x5a; 4]);
     assert_same(&f.ld, &f.rd, "after a write larger than the log");
 }
+
+// ---------------------------------------------------------------------------------
+// 9. Shutdown while a write waits for a synchronous SLINK that is down.
+
+/// A write waiting for a paused synchronous SLINK (never acknowledged) must not keep
+/// the daemon from exiting on SIGTERM: after a grace period the device gives it back
+/// with an error, and the daemon exits cleanly.
+#[test]
+fn sigterm_while_a_write_waits_for_a_down_synchronous_slink_exits() {
+    require!("nbdsh");
+    let mut d = Daemon::start();
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd = d.make_file_s("rd", 16 << 20);
+    let log = d.make_file_s("replog", 8 << 20);
+    d.create(
+        "r0",
+        &format!(
+            "0 32768 replicator default 4 {log} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+             local 2 1 synchronous 2 0 {rd} core 2 2048 nosync"
+        ),
+    );
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    let _client = HoldingClient::start(&d.uri("r0-0"), "c = h.aio_pwrite(b'\\x22' * 4096, 0)", "");
+    let waiting = wait_until(Duration::from_secs(10), || {
+        d.json(&["status", "r0"])[0]["segments"][0]["detail"]["awaiting_writes"] == 1
+    });
+    assert!(waiting, "the write waits for the synchronous SLINK");
+    d.terminate();
+    assert!(d.log_text().contains("its held writes fail"), "{}", d.log_text());
+}

@@ -376,24 +376,15 @@ impl Daemon {
         }
     }
 
-    /// Stop the suspended devices first (SIGTERM/SIGINT): the requests they hold were
-    /// never acknowledged and fail with ESHUTDOWN, so that the NBD server can drain its
-    /// connections. Resuming them instead could swap in a loaded table.
-    pub fn stop_suspended(&self) {
-        let _g = self.ops.lock();
-        for dev in self.devices.list() {
-            if dev.state() == dmrep_core::DeviceState::Suspended {
-                warn!(device = %dev.name(), "suspended at shutdown: held requests fail");
-                dev.shutdown();
-            }
-        }
-    }
-
-    /// Flush and stop every device (SIGTERM/SIGINT). I/O still arriving fails.
+    /// Flush and stop every device (SIGTERM/SIGINT), before the NBD server drains its
+    /// connections: a request a device holds (suspended, or waiting for a synchronous
+    /// SLINK that is down) was never acknowledged; stopping the device fails it with
+    /// ESHUTDOWN (after a grace period), so nothing waits for it. I/O still arriving fails.
     pub fn shutdown(&self) {
         let _g = self.ops.lock();
-        // (Devices stopped by `stop_suspended` have no live table left to flush.)
-        for dev in self.devices.list().into_iter().filter(|d| d.live_table().is_some()) {
+        // A suspended device takes no flush (it would be held too) and has nothing to flush.
+        let live = |d: &Arc<MappedDevice>| d.live_table().is_some() && d.state() == dmrep_core::DeviceState::Active;
+        for dev in self.devices.list().into_iter().filter(live) {
             let (_, r) = dev.submit_wait(IoRequest::new(Op::Flush, 0, 0, Vec::new(), 0));
             if let Err(e) = r {
                 warn!(device = %dev.name(), "flush at shutdown failed: {e}");

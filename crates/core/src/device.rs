@@ -70,6 +70,11 @@ impl LiveTable {
 
 pub use dmrep_formats::control::{DeviceInfo, DeviceState};
 
+/// How long removing a device waits for its in-flight requests before asking its
+/// targets to give them back: requests normally finish in milliseconds; a few seconds
+/// leave room for a slow device without letting a dead one block removal or SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// In-flight accounting and the suspend gate.
 struct Gate {
     state: Mutex<GateState>,
@@ -272,8 +277,25 @@ impl MappedDevice {
             let mut st = self.gate.state.lock();
             st.dead = true;
             self.gate.cond.notify_all();
+            let mut deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+            let mut warned = false;
             while st.inflight > 0 {
-                self.gate.cond.wait(&mut st);
+                if !self.gate.cond.wait_until(&mut st, deadline).timed_out() || st.inflight == 0 {
+                    continue;
+                }
+                // Requests a target holds for something that may never come (a
+                // synchronous SLINK that is down): ask for them back, again each second
+                // (one may have been between two hands the first time). Completions take
+                // the gate lock, so not while holding it.
+                drop(st);
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(device = %self.name(), "in-flight requests did not finish: cancelling them");
+                }
+                for t in [self.live.read().clone(), self.inactive.lock().clone()].into_iter().flatten() {
+                    t.segments.iter().for_each(|s| s.target.cancel());
+                }
+                st = self.gate.state.lock();
+                deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
             }
         }
         if let Some(t) = self.live.write().take() {

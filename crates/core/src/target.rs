@@ -173,6 +173,12 @@ pub trait Target: Send + Sync {
         Vec::new()
     }
 
+    /// The device is going away and its in-flight requests did not finish within the
+    /// grace period: complete every request this target still holds (with an error, e.g.
+    /// ESHUTDOWN) instead of waiting for whatever it waits for. Default: nothing (a
+    /// target that completes requests on the submitting thread holds none).
+    fn cancel(&self) {}
+
     /// Called when the table is being dropped (device removed or table replaced):
     /// release resources, stop threads. Default: nothing.
     fn shutdown(&self) {}

@@ -642,6 +642,10 @@ impl Target for ReplicatorDev {
         TargetStatus::new(line, serde_json::json!({ "group": st.group, "dev_nr": self.dev_nr, "slinks": slinks }))
     }
 
+    fn cancel(&self) {
+        self.group.cancel_device(self.dev_nr);
+    }
+
     fn shutdown(&self) {
         for nr in &self.attached {
             if let Some(h) = self.group.handler(*nr) {

@@ -258,7 +258,7 @@ fn finish_append(
         if p.wait.is_empty() {
             ready.push((p.req, p.done));
         } else {
-            st.awaiting.insert(seq, Awaiting { req: p.req, done: p.done, wait: p.wait });
+            st.awaiting.insert(seq, Awaiting { dev_nr: p.dev_nr, req: p.req, done: p.done, wait: p.wait });
         }
     }
     drop(st);

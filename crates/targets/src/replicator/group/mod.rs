@@ -97,6 +97,7 @@ struct Pending {
 }
 
 struct Awaiting {
+    dev_nr: u32,
     req: Request,
     done: Completion,
     wait: BTreeSet<u16>,
@@ -507,6 +508,30 @@ impl Group {
         }
         let _ = self.inner.log.sync();
         info!(group = %self.inner.name, "replication group stopped");
+    }
+
+    /// Give back the writes of device `dev_nr` that the group still holds (queued, or
+    /// waiting for a synchronous SLINK): they fail with ESHUTDOWN (the device is going
+    /// away). Entries already in the log stay there and are shipped as usual.
+    pub fn cancel_device(&self, dev_nr: u32) {
+        let (queued, waiting) = {
+            let mut st = self.inner.st.lock();
+            let (queued, keep): (VecDeque<Pending>, VecDeque<Pending>) =
+                std::mem::take(&mut st.queue).into_iter().partition(|p| p.dev_nr == dev_nr);
+            st.queue = keep;
+            let seqs: Vec<u64> = st.awaiting.iter().filter(|(_, a)| a.dev_nr == dev_nr).map(|(s, _)| *s).collect();
+            let waiting: Vec<Awaiting> = seqs.iter().filter_map(|s| st.awaiting.remove(s)).collect();
+            (queued, waiting)
+        };
+        if !queued.is_empty() || !waiting.is_empty() {
+            warn!(group = %self.inner.name, dev_nr, queued = queued.len(), waiting = waiting.len(), "device going away: its held writes fail");
+        }
+        for p in queued {
+            p.done.complete(p.req, Err(errno(108)));
+        }
+        for a in waiting {
+            a.done.complete(a.req, Err(errno(108)));
+        }
     }
 
     /// Change an SLINK's policy.
