@@ -26,24 +26,25 @@ impl DirtyLog for CoreLog {
     fn regions(&self) -> u64 {
         self.bits.lock().regions()
     }
-    fn mark_range(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn mark_range(&self, offset: u64, len: u64) {
         let mut b = self.bits.lock();
         for r in region_span(offset, len, self.region_bytes) {
             if r < b.regions() {
                 b.set(r);
             }
         }
-        Ok(())
     }
-    fn mark_all(&self) -> io::Result<()> {
+    fn mark_all(&self) {
         let mut b = self.bits.lock();
         for r in 0..b.regions() {
             b.set(r);
         }
-        Ok(())
     }
-    fn clear(&self, region: u64) -> io::Result<()> {
+    fn clear(&self, region: u64) {
         self.bits.lock().unset(region);
+    }
+    /// Nothing to make durable: a `core` log lives in memory.
+    fn flush(&self) -> io::Result<()> {
         Ok(())
     }
     fn is_dirty(&self, region: u64) -> bool {

@@ -18,9 +18,11 @@
 //!   4092 crc32c       u32           over bytes 0..4092
 //! ```
 //!
-//! Each change rewrites the bitmap blocks it touches and syncs before returning. A block
-//! whose crc does not check (a torn write) is read as all dirty: a crash can only cause
-//! extra resync, never a missed region.
+//! Changes are made in memory and remembered by block; [`DirtyLog::flush`] rewrites the
+//! changed blocks and syncs (flushes are serialised, so a later flush never writes an
+//! older image of a block over a newer one). A block whose crc does not check (a torn
+//! write) is read as all dirty: a crash can only cause extra resync, never a missed
+//! region.
 
 use std::io;
 use std::path::Path;
@@ -39,8 +41,22 @@ const BITS_PER_BLOCK: u64 = 4088 * 8;
 
 pub struct DiskLog {
     dev: Arc<dyn BlockBackend>,
-    bits: Mutex<Bitmap>,
+    bits: Mutex<Bits>,
+    /// Serialises flushes (held across their I/O; never taken under `bits`).
+    flushing: Mutex<()>,
     region_bytes: u64,
+}
+
+/// The bitmap and the blocks changed since the last flush took them.
+struct Bits {
+    map: Bitmap,
+    changed: std::collections::BTreeSet<usize>,
+}
+
+impl Bits {
+    fn note(&mut self, region: u64) {
+        self.changed.insert((region / BITS_PER_BLOCK) as usize);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +161,7 @@ impl DiskLog {
                     };
                 }
             }
-            let log = DiskLog { dev, bits: Mutex::new(Bitmap::from_words(words, regions)), region_bytes };
-            return Ok((log, false));
+            return Ok((Self::with(dev, Bitmap::from_words(words, regions), region_bytes), false));
         }
         // Fresh: write the bitmap first, then the header that makes it valid.
         let mut bits = Bitmap::new(regions);
@@ -155,12 +170,10 @@ impl DiskLog {
                 bits.set(r);
             }
         }
-        let log = DiskLog { dev, bits: Mutex::new(bits), region_bytes };
-        {
-            let b = log.bits.lock();
-            for i in 0..blocks {
-                log.write_block(&b, i).map_err(ioe)?;
-            }
+        let log = Self::with(dev, bits, region_bytes);
+        for i in 0..blocks {
+            let block = encode_block(&log.bits.lock().map, i);
+            log.dev.write_at(&block, ((1 + i) * BLOCK) as u64).map_err(ioe)?;
         }
         log.dev.sync().map_err(ioe)?;
         log.dev.write_at(&encode_header(region_bytes, regions), 0).map_err(ioe)?;
@@ -168,33 +181,28 @@ impl DiskLog {
         Ok((log, true))
     }
 
-    fn write_block(&self, b: &Bitmap, i: usize) -> io::Result<()> {
-        let mut buf = vec![0u8; BLOCK];
-        let per = BITS_PER_BLOCK as usize / 64;
-        for w in 0..per {
-            let v = b.words().get(i * per + w).copied().unwrap_or(0);
-            buf[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    fn with(dev: Arc<dyn BlockBackend>, map: Bitmap, region_bytes: u64) -> Self {
+        DiskLog {
+            dev,
+            bits: Mutex::new(Bits { map, changed: Default::default() }),
+            flushing: Mutex::new(()),
+            region_bytes,
         }
-        buf[4088..4092].copy_from_slice(&(i as u32).to_le_bytes());
-        let crc = crc32c::crc32c(&buf[..4092]);
-        buf[4092..].copy_from_slice(&crc.to_le_bytes());
-        self.dev.write_at(&buf, ((1 + i) * BLOCK) as u64)
     }
+}
 
-    /// Apply `f` to the bitmap; write and sync the blocks whose bits changed.
-    fn update(&self, f: impl FnOnce(&mut Bitmap) -> Vec<u64>) -> io::Result<()> {
-        let mut b = self.bits.lock();
-        let changed = f(&mut b);
-        if changed.is_empty() {
-            return Ok(());
-        }
-        let mut blocks: Vec<usize> = changed.iter().map(|r| (r / BITS_PER_BLOCK) as usize).collect();
-        blocks.dedup();
-        for i in blocks {
-            self.write_block(&b, i)?;
-        }
-        self.dev.sync()
+/// Bitmap block `i` as it goes on disk.
+fn encode_block(b: &Bitmap, i: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; BLOCK];
+    let per = BITS_PER_BLOCK as usize / 64;
+    for w in 0..per {
+        let v = b.words().get(i * per + w).copied().unwrap_or(0);
+        buf[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
     }
+    buf[4088..4092].copy_from_slice(&(i as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&buf[..4092]);
+    buf[4092..].copy_from_slice(&crc.to_le_bytes());
+    buf
 }
 
 impl DirtyLog for DiskLog {
@@ -202,26 +210,59 @@ impl DirtyLog for DiskLog {
         self.region_bytes
     }
     fn regions(&self) -> u64 {
-        self.bits.lock().regions()
+        self.bits.lock().map.regions()
     }
-    fn mark_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let rb = self.region_bytes;
-        self.update(|b| region_span(offset, len, rb).filter(|&r| r < b.regions() && b.set(r)).collect())
+    fn mark_range(&self, offset: u64, len: u64) {
+        let mut b = self.bits.lock();
+        for r in region_span(offset, len, self.region_bytes) {
+            if r < b.map.regions() && b.map.set(r) {
+                b.note(r);
+            }
+        }
     }
-    fn mark_all(&self) -> io::Result<()> {
-        self.update(|b| (0..b.regions()).filter(|&r| b.set(r)).collect())
+    fn mark_all(&self) {
+        let mut b = self.bits.lock();
+        for r in 0..b.map.regions() {
+            if b.map.set(r) {
+                b.note(r);
+            }
+        }
     }
-    fn clear(&self, region: u64) -> io::Result<()> {
-        self.update(|b| if region < b.regions() && b.unset(region) { vec![region] } else { Vec::new() })
+    fn clear(&self, region: u64) {
+        let mut b = self.bits.lock();
+        if region < b.map.regions() && b.map.unset(region) {
+            b.note(region);
+        }
+    }
+    fn flush(&self) -> io::Result<()> {
+        let _serial = self.flushing.lock();
+        // Images of the changed blocks as they are now; the I/O runs without `bits`.
+        let blocks: Vec<(usize, Vec<u8>)> = {
+            let mut b = self.bits.lock();
+            let changed = std::mem::take(&mut b.changed);
+            changed.into_iter().map(|i| (i, encode_block(&b.map, i))).collect()
+        };
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let result = blocks
+            .iter()
+            .try_for_each(|(i, buf)| self.dev.write_at(buf, ((1 + i) * BLOCK) as u64))
+            .and_then(|()| self.dev.sync());
+        if result.is_err() {
+            // Not durable: the next flush writes them again.
+            self.bits.lock().changed.extend(blocks.iter().map(|(i, _)| *i));
+        }
+        result
     }
     fn is_dirty(&self, region: u64) -> bool {
-        self.bits.lock().get(region)
+        self.bits.lock().map.get(region)
     }
     fn next_dirty(&self, from: u64) -> Option<u64> {
-        self.bits.lock().next_set(from)
+        self.bits.lock().map.next_set(from)
     }
     fn dirty_count(&self) -> u64 {
-        self.bits.lock().count()
+        self.bits.lock().map.count()
     }
     fn kind(&self) -> &'static str {
         "disk"
@@ -240,9 +281,11 @@ mod tests {
         let (log, fresh) = DiskLog::open_on(mem.clone(), "m", dev_bytes, 4096, false).unwrap();
         assert!(fresh);
         assert_eq!(log.dirty_count(), 0);
-        log.mark_range(4096 * 5, 8192).unwrap();
-        log.mark_range(4096 * 39_000, 1).unwrap();
-        log.clear(6).unwrap();
+        log.mark_range(4096 * 5, 8192);
+        log.mark_range(4096 * 39_000, 1);
+        log.clear(6);
+        log.flush().unwrap();
+        log.mark_range(4096 * 7, 1); // never flushed: lost in the crash
         drop(log);
         mem.crash(CrashMode::DropAllUnsynced);
         let (log, fresh) = DiskLog::open_on(mem.clone(), "m", dev_bytes, 4096, true).unwrap();

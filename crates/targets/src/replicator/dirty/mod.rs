@@ -6,9 +6,11 @@
 //! clears them. Two implementations behind one trait: [`core`] (memory) and [`disk`]
 //! (persistent, checksummed, crash-safe).
 //!
-//! Crash-safety rule (for `disk`): a region is durably marked before a write into it
-//! can be missing from the RD (before the write is acknowledged), and cleared only after
-//! its copy is durable on the RD.
+//! Changes are made in memory (cheap, under the group's lock) and made durable by
+//! [`DirtyLog::flush`] (I/O, never under the group's lock). Crash-safety rule (for
+//! `disk`): a region is durably marked (a flush that began after the mark returned)
+//! before a write into it can be missing from the RD (before the write is acknowledged),
+//! and cleared only after its copy is durable on the RD.
 
 pub mod core;
 pub mod disk;
@@ -21,12 +23,15 @@ pub trait DirtyLog: Send + Sync {
     fn region_bytes(&self) -> u64;
     /// Number of regions.
     fn regions(&self) -> u64;
-    /// Mark every region touched by `[offset, offset+len)` dirty; durable on return.
-    fn mark_range(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Mark all regions dirty (initial full sync); durable on return.
-    fn mark_all(&self) -> io::Result<()>;
-    /// Clear one region; durable on return.
-    fn clear(&self, region: u64) -> io::Result<()>;
+    /// Mark every region touched by `[offset, offset+len)` dirty, in memory.
+    fn mark_range(&self, offset: u64, len: u64);
+    /// Mark all regions dirty (initial full sync), in memory.
+    fn mark_all(&self);
+    /// Clear one region, in memory.
+    fn clear(&self, region: u64);
+    /// Make every change made before this call durable. Concurrent flushes are
+    /// serialised: one that returns Ok covers every change made before it began.
+    fn flush(&self) -> io::Result<()>;
     /// Whether a region is dirty.
     fn is_dirty(&self, region: u64) -> bool;
     /// The first dirty region at or after `from`.

@@ -129,7 +129,8 @@ pub(super) fn mark_written(inner: &Inner, unordered: &[u16], metas: &[EntryMeta]
         }
     }
     for (log, offset, len) in marks {
-        log.mark_range(offset, len)?;
+        log.mark_range(offset, len);
+        log.flush()?;
     }
     Ok(())
 }
@@ -211,7 +212,8 @@ fn leave_ordered(inner: &Inner, st: &mut State, nr: u16, reason: &str) -> io::Re
                 .dirty
                 .get(&(nr, m.dev_nr))
                 .ok_or_else(|| io::Error::other(format!("no dirty log for device {}", m.dev_nr)))?;
-            log.mark_range(m.offset, m.len as u64)?;
+            log.mark_range(m.offset, m.len as u64);
+            log.flush()?;
             marked += 1;
         }
         if end >= last {
@@ -345,7 +347,8 @@ pub(super) fn step(inner: &Inner, nr: u16, handler: &dyn SlinkHandler) -> io::Re
     result?;
     if !retouched {
         drop(st);
-        log.clear(region)?;
+        log.clear(region);
+        log.flush()?;
         let mut st = inner.st.lock();
         let rt = st.slinks.get_mut(&nr).expect("slink");
         rt.resync.regions_done += 1;
@@ -396,7 +399,8 @@ impl super::Group {
         let rt = st.slinks.get(&nr).ok_or_else(|| errno(22))?;
         if initial_dirty || rt.resync.full || (!rt.ordered && !rt.resync.new_slink && log.kind() == "core") {
             // A new RD to fill, or an out-of-sync RD whose in-memory regions were lost.
-            log.mark_all()?;
+            log.mark_all();
+            log.flush()?;
         }
         let ordered = rt.ordered;
         st.dirty.insert((nr, dev), (log.clone(), dev_bytes));
