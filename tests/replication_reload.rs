@@ -58,3 +58,81 @@ fn slink_added_by_reload_gets_an_initial_sync_while_writes_go_on() {
     assert!(e.contains("replication log"), "{e}");
     assert!(wait_until(Duration::from_secs(5), || d.info("r0")["inactive_table"] == false));
 }
+
+/// R1 (reproduced by a review): in the two-target form, a reload of the control device
+/// adding an SLINK while the group has devices used to register the SLINK with no device:
+/// it grew a backlog forever and wedged the group once the log filled. Now the reload is
+/// refused at `load` with an error naming the device that has no replica on the new
+/// SLINK, and the group carries on.
+#[test]
+fn two_target_reload_adding_an_slink_without_devices_is_refused() {
+    require!("qemu-io");
+    let d = Daemon::start();
+    let ld = d.make_file_s("ld", 8 << 20);
+    let rd = d.make_file_s("rd", 8 << 20);
+    let log = d.make_file_s("replog", 8 << 20);
+    let ctl = format!("0 16384 replicator default 4 {log} 0 auto 16384 local 2 0 async local 2 1 async");
+    d.create("grp", &ctl);
+    d.create("db0", &format!("0 16384 replicator-dev grp 0 0 1 {ld} - 0 1 1 {rd} core 2 2048 nosync"));
+    qemu_io_ok(&d.uri("db0"), &["write -P 0x11 0 1M"]);
+    let e = d.cli_err(&["load", "grp", "--table", &format!("{ctl} local 2 2 async")]);
+    assert!(e.contains("slink 2 cannot join group grp") && e.contains("device 0"), "{e}");
+    // The group is unchanged and healthy: writes go on, both copies in order.
+    qemu_io_ok(&d.uri("db0"), &["write -P 0x12 1M 1M"]);
+    let o = d.cli(&["wait", "grp", "--timeout", "30"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let st = d.json(&["status", "grp"]);
+    let slinks = st[0]["segments"][0]["detail"]["slinks"].as_array().unwrap().clone();
+    assert_eq!(slinks.len(), 2, "{st}");
+    assert!(std::fs::read(&ld).unwrap() == std::fs::read(&rd).unwrap());
+}
+
+/// R3: removing a replicator-dev while an SLINK is paused with a backlog of its entries
+/// does not stop that SLINK (nor the group) for good: on resume it skips the removed
+/// device's entries and catches up with the others'.
+#[test]
+fn removing_a_device_with_a_backlog_does_not_stop_its_slink() {
+    require!("qemu-io");
+    let d = Daemon::start();
+    let (ld0, ld1) = (d.make_file_s("ld0", 8 << 20), d.make_file_s("ld1", 8 << 20));
+    let (rd0, rd1) = (d.make_file_s("rd0", 8 << 20), d.make_file_s("rd1", 8 << 20));
+    let log = d.make_file_s("replog", 8 << 20);
+    d.create("grp", &format!("0 16384 replicator default 4 {log} 0 auto 16384 local 2 0 async local 2 1 async"));
+    d.create("db0", &format!("0 16384 replicator-dev grp 0 0 1 {ld0} - 0 1 1 {rd0} core 2 2048 nosync"));
+    d.create("db1", &format!("0 16384 replicator-dev grp 1 0 1 {ld1} - 0 1 1 {rd1} core 2 2048 nosync"));
+    d.cli_ok(&["message", "grp", "0", "slink", "1", "pause"]);
+    qemu_io_ok(&d.uri("db1"), &["write -P 0x21 0 1M"]);
+    qemu_io_ok(&d.uri("db0"), &["write -P 0x22 0 1M"]);
+    d.cli_ok(&["remove", "db1"]);
+    d.cli_ok(&["message", "grp", "0", "slink", "1", "resume"]);
+    let o = d.cli(&["wait", "grp", "--timeout", "30"]);
+    assert!(o.status.success(), "slink 1 catches up after the removal: {}", show(&o));
+    assert!(std::fs::read(&ld0).unwrap() == std::fs::read(&rd0).unwrap(), "RD0 equals LD0");
+    assert_eq!(
+        read_at(std::path::Path::new(&ld1), 0, 4096),
+        vec![0x21; 4096],
+        "the removed device's LD has its writes"
+    );
+}
+
+/// R7: a `core ... sync` device added to a group that was recovered after a restart gets
+/// its initial copy (it used to be trusted, and reported consistent, with no copy).
+#[test]
+fn sync_device_added_after_restart_gets_an_initial_copy() {
+    require!("qemu-io");
+    let mut d = Daemon::start();
+    let (ld0, ld1) = (d.make_file_s("ld0", 8 << 20), d.make_file_s("ld1", 8 << 20));
+    let (rd0, rd1) = (d.make_file_s("rd0", 8 << 20), d.make_file_s("rd1", 8 << 20));
+    let log = d.make_file_s("replog", 8 << 20);
+    d.create("grp", &format!("0 16384 replicator default 4 {log} 0 auto 16384 local 2 0 async local 2 1 async"));
+    d.create("db0", &format!("0 16384 replicator-dev grp 0 0 1 {ld0} - 0 1 1 {rd0} core 2 2048 nosync"));
+    qemu_io_ok(&d.uri("db0"), &["write -P 0x31 0 1M"]);
+    d.restart();
+    // LD1 already holds data the RD lacks.
+    fill_file(std::path::Path::new(&ld1), 0x5a, 8 << 20);
+    d.create("db1", &format!("0 16384 replicator-dev grp 1 0 1 {ld1} - 0 1 1 {rd1} core 2 2048 sync"));
+    let o = d.cli(&["wait", "grp", "--timeout", "30"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(std::fs::read(&ld1).unwrap() == std::fs::read(&rd1).unwrap(), "RD1 was copied from LD1");
+    assert!(std::fs::read(&ld0).unwrap() == std::fs::read(&rd0).unwrap());
+}

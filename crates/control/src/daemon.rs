@@ -54,6 +54,8 @@ pub struct Daemon {
     /// restored at start-up, so that their records are not lost.
     records: Mutex<Vec<DeviceRecord>>,
     ops: Mutex<()>,
+    /// Set while [`Daemon::restore`] rebuilds the recorded tables.
+    restoring: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -65,6 +67,7 @@ impl Daemon {
             store,
             records: Mutex::new(Vec::new()),
             ops: Mutex::new(()),
+            restoring: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -77,6 +80,7 @@ impl Daemon {
     pub fn restore(&self) -> Result<(usize, Vec<String>), DaemonError> {
         let _g = self.ops.lock();
         let recs = self.store.load()?;
+        self.restoring.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut ok = 0;
         let mut errors = Vec::new();
         for r in recs.iter().filter(|r| r.companion_of.is_none()) {
@@ -91,6 +95,7 @@ impl Daemon {
                 }
             }
         }
+        self.restoring.store(false, std::sync::atomic::Ordering::SeqCst);
         *self.records.lock() = recs;
         Ok((ok, errors))
     }
@@ -98,7 +103,8 @@ impl Daemon {
     /// Parse and build a table for device `name`. Nothing is left behind on error.
     fn build(&self, name: &str, text: &str) -> Result<LiveTable, DaemonError> {
         let spec = parse_table(text)?;
-        let ctx = BuildContext { device_name: name, devices: &self.devices };
+        let restoring = self.restoring.load(std::sync::atomic::Ordering::SeqCst);
+        let ctx = BuildContext { device_name: name, devices: &self.devices, restoring };
         let mut built = Vec::with_capacity(spec.segments.len());
         for seg in &spec.segments {
             match self.targets.build(&ctx, seg) {

@@ -349,7 +349,7 @@ impl MappedDevice {
             sink.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error())));
             return;
         }
-        let done = Completion::with_guard(sink, InflightGuard(self.gate.clone()));
+        let done = Completion::with_guard(sink, req.tag, InflightGuard(self.gate.clone()));
         let table = self.live.read().clone();
         let Some(table) = table else {
             done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::NXIO.raw_os_error())));
@@ -404,7 +404,7 @@ impl Drop for OpenHandle {
 fn flush_all(table: &LiveTable, req: Request, done: Completion) {
     let join = Join::new(req, done, table.segments.len());
     for (i, seg) in table.segments.iter().enumerate() {
-        seg.target.submit(Request::new(Op::Flush, 0, 0, Vec::new(), i as u64), Completion::new(join.clone()));
+        seg.target.submit(Request::new(Op::Flush, 0, 0, Vec::new(), i as u64), Completion::new(join.clone(), i as u64));
     }
 }
 
@@ -436,7 +436,7 @@ fn split_submit(table: &LiveTable, first: usize, req: Request, done: Completion)
     for ((idx, o, n), buf) in parts.into_iter().zip(bufs) {
         let seg = &table.segments[idx];
         // The tag carries the part's byte offset inside the parent request.
-        seg.target.submit(Request::new(op, o - seg.start, n, buf, o - base), Completion::new(join.clone()));
+        seg.target.submit(Request::new(op, o - seg.start, n, buf, o - base), Completion::new(join.clone(), o - base));
     }
 }
 

@@ -16,6 +16,9 @@ pub struct BuildContext<'a> {
     pub device_name: &'a str,
     /// All devices (a `replicator-dev` finds its control device here).
     pub devices: &'a DeviceRegistry,
+    /// The table is one the daemon restores at start-up (it was live before), not one
+    /// an operator creates now: a replica it names is not new to its group.
+    pub restoring: bool,
 }
 
 /// Builds one target from its segment (length and parameters).

@@ -65,25 +65,48 @@ pub trait IoSink: Send + Sync {
 
 /// The right to complete one request. Cloning an `Arc` per request, no allocation.
 /// An optional guard (for in-flight accounting) is released after the sink ran.
+///
+/// A request must always get a reply: a `Completion` dropped without [`complete`]
+/// (a bug on some error path) still completes its request, with `ECANCELED`, so the
+/// client is answered and drains do not hang; debug builds assert on it.
+///
+/// [`complete`]: Completion::complete
 pub struct Completion {
-    sink: Arc<dyn IoSink>,
+    /// `None` once completed.
+    sink: Option<Arc<dyn IoSink>>,
+    /// The request's tag, to fail it if the completion is dropped.
+    tag: u64,
     guard: Option<crate::device::InflightGuard>,
 }
 
 impl Completion {
-    pub fn new(sink: Arc<dyn IoSink>) -> Self {
-        Completion { sink, guard: None }
+    /// The completion of the request tagged `tag`, reported to `sink`.
+    pub fn new(sink: Arc<dyn IoSink>, tag: u64) -> Self {
+        Completion { sink: Some(sink), tag, guard: None }
     }
 
     /// A completion that keeps `guard` alive until the request has completed.
-    pub(crate) fn with_guard(sink: Arc<dyn IoSink>, guard: crate::device::InflightGuard) -> Self {
-        Completion { sink, guard: Some(guard) }
+    pub(crate) fn with_guard(sink: Arc<dyn IoSink>, tag: u64, guard: crate::device::InflightGuard) -> Self {
+        Completion { sink: Some(sink), tag, guard: Some(guard) }
     }
 
     /// Complete the request. Consumes the completion: a request completes once.
-    pub fn complete(self, req: Request, result: io::Result<()>) {
-        self.sink.complete(req, result);
-        drop(self.guard);
+    pub fn complete(mut self, req: Request, result: io::Result<()>) {
+        if let Some(sink) = self.sink.take() {
+            sink.complete(req, result);
+        }
+        drop(self.guard.take());
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            debug_assert!(std::thread::panicking(), "request {} dropped without a reply", self.tag);
+            tracing::error!(tag = self.tag, "request dropped without a reply: failing it (ECANCELED)");
+            let req = Request::new(Op::Flush, 0, 0, Vec::new(), self.tag);
+            sink.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::CANCELED.raw_os_error())));
+        }
     }
 }
 
@@ -108,11 +131,22 @@ pub enum TargetError {
     },
     #[error("{target}: message not understood: {msg}")]
     Message { target: &'static str, msg: String },
+    /// A target's own error, kept with its cause (e.g. a replication group's).
+    #[error("{target}: {source}")]
+    Failed {
+        target: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0}")]
     Other(String),
 }
 
 impl TargetError {
+    pub fn failed(target: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        TargetError::Failed { target, source: Box::new(e) }
+    }
+
     pub fn params(target: &'static str, msg: impl Into<String>) -> Self {
         TargetError::Params { target, msg: msg.into() }
     }

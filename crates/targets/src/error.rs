@@ -22,6 +22,6 @@ impl Target for ErrorTarget {
     }
 
     fn submit(&self, req: Request, done: Completion) {
-        done.complete(req, Err(io::Error::from_raw_os_error(5)));
+        done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error())));
     }
 }

@@ -203,7 +203,7 @@ mod tests {
 
     fn ctx_build(s: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
         let reg = dmrep_core::DeviceRegistry::new();
-        construct(&BuildContext { device_name: "t", devices: &reg }, s)
+        construct(&BuildContext { device_name: "t", devices: &reg, restoring: false }, s)
     }
 
     #[test]
@@ -240,7 +240,7 @@ mod tests {
             }
         }
         let sink = Arc::new(Sink(std::sync::Mutex::new(None)));
-        t.submit(Request::new(Op::Write { fua: true }, 2048, 12288, data.clone(), 0), Completion::new(sink.clone()));
+        t.submit(Request::new(Op::Write { fua: true }, 2048, 12288, data.clone(), 0), Completion::new(sink.clone(), 0));
         assert!(sink.0.lock().unwrap().take().unwrap().1.is_ok());
         let fa = std::fs::read(&a).unwrap();
         let fb = std::fs::read(&b).unwrap();
@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(&fb[4096..8192], &data[2048..6144]); // stripe b starts at sector 8
         assert_eq!(&fa[4096..8192], &data[6144..10240]);
         assert_eq!(&fb[8192..10240], &data[10240..]);
-        t.submit(Request::new(Op::Read, 2048, 12288, vec![0; 12288], 0), Completion::new(sink.clone()));
+        t.submit(Request::new(Op::Read, 2048, 12288, vec![0; 12288], 0), Completion::new(sink.clone(), 0));
         let (req, r) = sink.0.lock().unwrap().take().unwrap();
         assert!(r.is_ok());
         assert_eq!(req.buf, data);

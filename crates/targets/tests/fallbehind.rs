@@ -114,7 +114,7 @@ fn forced_sync_at_threshold_and_back() {
         group.submit_write(
             0,
             Request::new(Op::Write { fua: false }, block * 4096, 4096, data, i),
-            Completion::new(sink.clone()),
+            Completion::new(sink.clone(), i),
         );
         // Keep up to 64 writes in flight, like a client at queue depth 64.
         assert!(wait_until(Duration::from_secs(30), || i + 1 - sink.done.load(Ordering::SeqCst) < 64));
@@ -148,7 +148,7 @@ fn synchronous_slink_has_the_write_at_acknowledgement() {
         group.submit_write(
             0,
             Request::new(Op::Write { fua: false }, i * 4096, 4096, vec![i as u8 + 1; 4096], i),
-            Completion::new(w.clone()),
+            Completion::new(w.clone(), i),
         );
         let (_, r) = w.wait();
         r.unwrap();

@@ -84,7 +84,7 @@ pub fn over(t: &Thresholds, lag: &Lag) -> bool {
         || t.timeout.is_some_and(|l| lag.oldest_age.is_some_and(|a| a >= l))
 }
 
-/// The mode for `policy` at `lag`.
+/// The mode for `policy` at `lag`, without hysteresis.
 pub fn mode(policy: &Policy, t: &Thresholds, lag: &Lag) -> Mode {
     if policy.synchronous {
         Mode::Synchronous
@@ -93,6 +93,29 @@ pub fn mode(policy: &Policy, t: &Thresholds, lag: &Lag) -> Mode {
     } else {
         Mode::Asynchronous
     }
+}
+
+/// Share of each threshold a forced-synchronous SLINK must get back under before it is
+/// asynchronous again: without it, an SLINK at its bound under a steady load switches on
+/// every batch (thousands of switches a second at queue depth 32).
+pub const RELEASE_NUM: u64 = 3;
+pub const RELEASE_DEN: u64 = 4;
+
+/// The mode for `policy` at `lag`, from mode `current`: forced synchronous starts at a
+/// threshold and ends only under [`RELEASE_NUM`]/[`RELEASE_DEN`] of every threshold.
+pub fn next_mode(policy: &Policy, t: &Thresholds, lag: &Lag, current: Mode) -> Mode {
+    let m = mode(policy, t, lag);
+    if m == Mode::Asynchronous && current == Mode::ForcedSynchronous {
+        let release = Thresholds {
+            ios: t.ios.map(|l| (l * RELEASE_NUM / RELEASE_DEN).max(1)),
+            bytes: t.bytes.map(|l| (l * RELEASE_NUM / RELEASE_DEN).max(1)),
+            timeout: t.timeout.map(|l| l * RELEASE_NUM as u32 / RELEASE_DEN as u32),
+        };
+        if over(&release, lag) {
+            return Mode::ForcedSynchronous;
+        }
+    }
+    m
 }
 
 /// How many more entries of the given sizes may be appended without taking an
@@ -133,6 +156,17 @@ mod tests {
         let t = Thresholds { timeout: Some(Duration::from_millis(10)), ..Default::default() };
         let lag = Lag { ios: 1, bytes: 1, oldest_age: Some(Duration::from_millis(11)) };
         assert_eq!(mode(&ASYNC, &t, &lag), Mode::ForcedSynchronous);
+    }
+
+    #[test]
+    fn forced_mode_has_hysteresis() {
+        let t = Thresholds { ios: Some(100), ..Default::default() };
+        let lag = |ios| Lag { ios, ..Default::default() };
+        assert_eq!(next_mode(&ASYNC, &t, &lag(100), Mode::Asynchronous), Mode::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(99), Mode::ForcedSynchronous), Mode::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(75), Mode::ForcedSynchronous), Mode::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(74), Mode::ForcedSynchronous), Mode::Asynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(99), Mode::Asynchronous), Mode::Asynchronous);
     }
 
     #[test]

@@ -108,7 +108,7 @@ fn attach_opened(
         None => Ok(()),
         Some((log, initial)) => group
             .attach_dirty_log(r.slink_nr as u16, dev_nr, log, dev_bytes, initial)
-            .map_err(|e| TargetError::Device { path: r.path.clone(), source: e }),
+            .map_err(|e| TargetError::failed(T, e)),
     }
 }
 
@@ -186,6 +186,24 @@ fn reload(
                 T,
                 format!("device {d} on slink {s} must stay {p} in a reloaded table (changing devices of a live group is not supported)"),
             ));
+        }
+    }
+    // A new SLINK joins with a device and a dirty log for every device of the group, or
+    // not at all (an SLINK without them could never be in sync).
+    let live_devs = group.device_numbers();
+    for s in spec.slinks.iter().filter(|s| !live.contains(&(s.nr as u16))) {
+        for d in &live_devs {
+            if !spec.device(*d).is_some_and(|dev| dev.replicas.iter().any(|r| r.slink_nr == s.nr)) {
+                return Err(TargetError::params(
+                    T,
+                    format!(
+                        "slink {} cannot join group {}: device {d} of the group has no device on it \
+                         (a new slink needs a device and a dirty log for every device of the group, \
+                         given in the one-line table form)",
+                        s.nr, ctx.device_name
+                    ),
+                ));
+            }
         }
     }
     // (Transports and per-device replicas were checked by `construct`.)
@@ -326,10 +344,10 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
 
     let fresh_log = recovery.is_none();
     let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups)
-        .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?;
+        .map_err(|e| release(TargetError::failed(T, e)))?;
     for d in &spec.devices {
         for r in &d.replicas {
-            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log) {
+            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring) {
                 group.shutdown();
                 return Err(release(e));
             }
@@ -359,7 +377,7 @@ impl Target for ReplicatorTarget {
                 done.complete(req, Ok(()))
             }
             Op::Flush => done.complete(req, Ok(())),
-            _ => done.complete(req, Err(io::Error::from_raw_os_error(1))),
+            _ => done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::PERM.raw_os_error()))),
         }
     }
 
@@ -397,6 +415,7 @@ impl Target for ReplicatorTarget {
 
     fn message(&self, args: &[String]) -> Result<String, TargetError> {
         let err = |m: String| TargetError::Message { target: T, msg: m };
+        let refused = |e: super::group::GroupError| TargetError::Message { target: T, msg: e.to_string() };
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         match a.as_slice() {
             ["stop" | "suspend", rest @ ..] if rest.is_empty() || rest == ["all"] => {
@@ -412,20 +431,25 @@ impl Target for ReplicatorTarget {
                 let rate: u64 = rate.parse().map_err(|_| {
                     err(format!("resync-rate: expected bytes per second (0 = unlimited), found {rate:?}"))
                 })?;
-                self.group.set_resync_rate(nr, rate).map_err(err)?;
+                self.group.set_resync_rate(nr, rate).map_err(refused)?;
                 Ok(format!("slink {nr} resync-rate {rate}"))
             }
             ["slink", nr, op @ ("pause" | "resume")] => {
                 let nr = parse_slink(nr).map_err(err)?;
-                self.group.set_paused(nr, *op == "pause").map_err(err)?;
+                self.group.set_paused(nr, *op == "pause").map_err(refused)?;
                 Ok(format!("slink {nr} {}", if *op == "pause" { "paused" } else { "resumed" }))
             }
-            ["statistics", cmd] => self.group.statistics(cmd).map(|_| String::new()).map_err(err),
+            ["statistics", cmd] => self.group.statistics(cmd).map(|_| String::new()).map_err(refused),
             ["slink", nr, "policy", p] | ["slink", "message", nr, "policy", p] => {
                 let nr = parse_slink(nr).map_err(err)?;
                 let pol: dmrep_formats::replicator_table::Policy = p.parse().map_err(|e| err(format!("{e}")))?;
-                self.group.set_policy(nr, policy_of(&pol)).map_err(err)?;
+                self.group.set_policy(nr, policy_of(&pol)).map_err(refused)?;
                 Ok(format!("slink {nr} policy {pol}"))
+            }
+            ["slink", nr, "fallbehind", "none"] | ["slink", "message", nr, "fallbehind", "none"] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                self.group.set_thresholds(nr, Thresholds::default(), true).map_err(refused)?;
+                Ok(format!("slink {nr} fallbehind none"))
             }
             ["slink", nr, "fallbehind", rest @ ..] | ["slink", "message", nr, "fallbehind", rest @ ..]
                 if !rest.is_empty() =>
@@ -433,25 +457,12 @@ impl Target for ReplicatorTarget {
                 let nr = parse_slink(nr).map_err(err)?;
                 let mut fb = dmrep_formats::replicator_table::FallBehind::default();
                 fb.parse_into(rest).map_err(|e| err(e.to_string()))?;
-                self.group
-                    .set_threshold(nr, |t| {
-                        let n = thresholds_of(&fb);
-                        if n.ios.is_some() {
-                            t.ios = n.ios;
-                        }
-                        if n.bytes.is_some() {
-                            t.bytes = n.bytes;
-                        }
-                        if n.timeout.is_some() {
-                            t.timeout = n.timeout;
-                        }
-                    })
-                    .map_err(err)?;
+                self.group.set_thresholds(nr, thresholds_of(&fb), false).map_err(refused)?;
                 Ok(format!("slink {nr} fallbehind {}", fb.to_args().join(" ")))
             }
             _ => Err(err(format!(
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
-                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>, slink <nr> pause|resume, \
+                 slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>...|none, slink <nr> pause|resume, \
                  slink <nr> resync-rate <bytes/s>)",
                 args.join(" ")
             ))),
@@ -485,16 +496,16 @@ impl Target for ReplicatorTarget {
         }
         for (setup, reps) in r.new_slinks {
             let nr = setup.nr;
-            if let Err(e) = self.group.add_slink(setup) {
+            let declared: Vec<_> = reps.iter().map(|(d, r, _)| (r.slink_nr, *d, r.path.clone())).collect();
+            let dirty = reps
+                .into_iter()
+                .filter_map(|(dev, _, opened)| opened.map(|(log, initial)| (dev, log, self.handle.dev_bytes, initial)))
+                .collect();
+            if let Err(e) = self.group.add_slink(setup, dirty) {
                 tracing::warn!(group = %self.name, slink = nr, "slink not added: {e}");
                 continue;
             }
-            self.handle.declared.lock().extend(reps.iter().map(|(d, r, _)| (r.slink_nr, *d, r.path.clone())));
-            for (dev, r, opened) in reps {
-                if let Err(e) = attach_opened(&self.group, dev, &r, self.handle.dev_bytes, opened) {
-                    tracing::warn!(group = %self.name, slink = nr, device = dev, "dirty log not attached: {e}");
-                }
-            }
+            self.handle.declared.lock().extend(declared);
         }
     }
 
@@ -566,13 +577,13 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                 return Err(e);
             }
             attached.push(r.slink_nr as u16);
-            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log) {
+            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log || !ctx.restoring) {
                 for nr in &attached {
                     if let Some(h) = group.handler(*nr) {
                         h.detach(spec.dev_nr);
                     }
-                    group.detach_dirty_log(*nr, spec.dev_nr);
                 }
+                group.remove_device(spec.dev_nr);
                 return Err(e);
             }
         }
@@ -647,10 +658,10 @@ impl Target for ReplicatorDev {
     }
 
     fn shutdown(&self) {
-        for nr in &self.attached {
-            if let Some(h) = self.group.handler(*nr) {
-                h.detach(self.dev_nr);
-            }
+        // A device this table attached leaves the group (its LD once SLINK 0 has every
+        // entry of it); the paper form's companions leave with their control device.
+        if !self.attached.is_empty() {
+            self.group.remove_device(self.dev_nr);
         }
     }
 }

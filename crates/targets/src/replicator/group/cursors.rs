@@ -8,6 +8,11 @@
 //! each other), but re-applying e-1 over e+1 could roll back a block e+1 depends on. So
 //! before epoch e+1 starts, the cursor of epoch e-1 must be durable: each copier waits
 //! for its previous ticket before handing in the next one ([`CopierCursor::persist`]).
+//!
+//! A ticket is done only when what it asked is durable (or has nothing left to say: its
+//! SLINK left ordered mode). When persisting fails, no later ticket is ever done: the
+//! copiers stop, and the machine learns of it ([`Event::CursorsFailed`]) and refuses
+//! writes.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -15,16 +20,23 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 use tracing::warn;
 
-use super::{Inner, TICK};
+use super::machine::Event;
+use super::{Inner, Seq, SlinkNr, TICK};
 use crate::replicator::log::LogError;
+
+/// Persisting cursors failed: the order rule cannot be kept, shipping stops.
+#[derive(Debug)]
+pub(super) struct CursorsFailed;
 
 #[derive(Default)]
 struct State {
     /// Newest cursor per SLINK not yet handed to the log.
-    pending: BTreeMap<u16, u64>,
+    pending: BTreeMap<SlinkNr, Seq>,
     /// Tickets handed out, and the highest one durable.
     requested: u64,
     done: u64,
+    /// Persisting failed: no ticket after `done` will ever be.
+    failed: bool,
     stop: bool,
 }
 
@@ -36,7 +48,7 @@ pub(super) struct Committer {
 
 impl Committer {
     /// Queue SLINK `nr`'s cursor `seq`; returns the ticket to wait for.
-    fn submit(&self, nr: u16, seq: u64) -> u64 {
+    fn submit(&self, nr: SlinkNr, seq: Seq) -> u64 {
         let mut st = self.st.lock();
         let e = st.pending.entry(nr).or_insert(seq);
         *e = (*e).max(seq);
@@ -46,11 +58,16 @@ impl Committer {
         t
     }
 
-    /// Wait until `ticket` is durable (or the committer stopped).
-    fn wait(&self, ticket: u64) {
+    /// Wait until `ticket` is durable (or the committer stopped). Err: it never will be.
+    fn wait(&self, ticket: u64) -> Result<(), CursorsFailed> {
         let mut st = self.st.lock();
-        while st.done < ticket && !st.stop {
+        while st.done < ticket && !st.stop && !st.failed {
             self.cv.wait(&mut st);
+        }
+        if st.done >= ticket {
+            Ok(())
+        } else {
+            Err(CursorsFailed)
         }
     }
 
@@ -82,8 +99,9 @@ pub(super) fn run(inner: &Inner) {
         // An SLINK that left ordered mode since has no cursor; one that came back has a
         // newer one: those updates have nothing left to say. Filter, and filter again if
         // the state moved between the filter and the write.
+        let mut result = Ok(());
         for _ in 0..2 {
-            let updates: Vec<(u16, u64)> = batch
+            let updates: Vec<(SlinkNr, Seq)> = batch
                 .iter()
                 .filter(|(nr, seq)| inner.log.cursor(**nr).is_some_and(|cur| **seq >= cur))
                 .map(|(n, s)| (*n, *s))
@@ -91,56 +109,58 @@ pub(super) fn run(inner: &Inner) {
             if updates.is_empty() {
                 break;
             }
-            match inner.log.set_cursors(&updates) {
-                Ok(()) => break,
+            result = inner.log.set_cursors(&updates);
+            match &result {
                 Err(LogError::UnknownSlink(_) | LogError::CursorBackwards { .. }) => continue,
-                Err(e) => {
-                    warn!(group = %inner.name, "persisting slink cursors failed: {e}");
-                    inner.st.lock().log_error = Some(format!("persisting slink cursors: {e}"));
-                    break;
-                }
+                _ => break,
             }
         }
-        let us = t0.elapsed().as_micros() as u64;
-        {
-            let mut st = inner.st.lock();
-            for nr in batch.keys() {
-                if let Some(rt) = st.slinks.get_mut(nr) {
-                    rt.cursor_us += us;
-                }
+        match result {
+            Ok(()) | Err(LogError::UnknownSlink(_) | LogError::CursorBackwards { .. }) => {
+                let _ = inner
+                    .event(Event::CursorsPersisted { slinks: batch.keys().copied().collect(), took: t0.elapsed() });
+                let mut st = c.st.lock();
+                st.done = st.done.max(ticket);
+                c.cv.notify_all();
+            }
+            Err(error) => {
+                warn!(group = %inner.name, "persisting slink cursors failed: {error}");
+                // The machine first (it hands out no more epochs), then the copiers.
+                let _ = inner.event(Event::CursorsFailed { error });
+                c.st.lock().failed = true;
+                c.cv.notify_all();
             }
         }
-        let mut st = c.st.lock();
-        st.done = st.done.max(ticket);
-        c.cv.notify_all();
     }
 }
 
 /// One copier's view: the order rule above.
 pub(super) struct CopierCursor<'a> {
     committer: &'a Committer,
-    nr: u16,
+    nr: SlinkNr,
     prev: Option<u64>,
 }
 
 impl<'a> CopierCursor<'a> {
-    pub(super) fn new(inner: &'a Inner, nr: u16) -> Self {
+    pub(super) fn new(inner: &'a Inner, nr: SlinkNr) -> Self {
         CopierCursor { committer: &inner.cursors, nr, prev: None }
     }
 
-    /// Wait until the previous cursor is durable, then hand in `seq`.
-    pub(super) fn persist(&mut self, seq: u64) {
+    /// Wait until the previous cursor is durable, then hand in `seq`. Err: the previous
+    /// one never will be; `seq` is not handed in.
+    pub(super) fn persist(&mut self, seq: Seq) -> Result<(), CursorsFailed> {
         if let Some(t) = self.prev.take() {
-            self.committer.wait(t);
+            self.committer.wait(t)?;
         }
         self.prev = Some(self.committer.submit(self.nr, seq));
+        Ok(())
     }
 }
 
 impl Drop for CopierCursor<'_> {
     fn drop(&mut self) {
         if let Some(t) = self.prev.take() {
-            self.committer.wait(t);
+            let _ = self.committer.wait(t);
         }
     }
 }
