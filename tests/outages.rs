@@ -530,7 +530,7 @@ fn kill9_in_dirty_mode_with_a_core_log_resyncs_everything() {
     assert_same(&f.ld, &f.rd, "after kill -9 with a core dirty log");
 }
 
-/// kill -9 in dirty mode while entries the SLINK needed before it left ordered mode are
+/// kill -9 in dirty mode while entries written after the SLINK left ordered mode are
 /// still in the log (SLINK 0, the LD, lags: here its device fails). After the restart
 /// those entries are its dirty regions, not its backlog: the resync copies them and the
 /// SLINK ends ordered with nothing outstanding.
@@ -549,9 +549,12 @@ fn kill9_in_dirty_mode_while_the_ld_lags_behind() {
     qemu_write(&d, "r0-0", &[(0x01, 0, 64 * KIB)]);
     wait_in_sync(&d, "r0");
 
-    // SLINK 1 paused, the LD failing: both hold the log until it is full; SLINK 1
-    // leaves ordered mode, SLINK 0 never does, so the writer then waits for room.
+    // SLINK 1 paused holds the log alone until it is full: it leaves ordered mode. Then
+    // the LD fails: SLINK 0 holds the log, never leaves, and the writer waits for room.
     d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    qemu_write(&d, "r0-0", &region_writes(0..12, 0x21));
+    qemu_write(&d, "r0-0", &region_writes(0..12, 0x22));
+    wait_for(&d, "r0", SETTLE, "with slink 1 out of ordered mode", |det| slink_of(det, 1)["sync"]["ordered"] == false);
     ld.fail();
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
@@ -560,10 +563,10 @@ fn kill9_in_dirty_mode_while_the_ld_lags_behind() {
     }
     cmd.arg(d.uri("r0-0")).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let writer = KillOnDrop(cmd.spawn().expect("start qemu-io"));
-    let det = wait_for(&d, "r0", SETTLE, "with slink 1 out of ordered mode and the log full", |det| {
-        slink_of(det, 1)["sync"]["ordered"] == false && det["statistics"]["log_full_waits"].as_u64().unwrap_or(0) > 0
+    let full_before = u(&detail(&d, "r0")["statistics"], "log_full_waits");
+    let det = wait_for(&d, "r0", SETTLE, "with the log full of entries the LD lacks", |det| {
+        det["statistics"]["log_full_waits"].as_u64().unwrap_or(0) > full_before && u(&det["log"], "entries") > 0
     });
-    assert!(u(&det["log"], "entries") > 0, "the log holds the entries the LD lacks: {det:#}");
     let dirty = u(&slink_of(&det, 1)["sync"], "dirty_regions");
     assert!(dirty > 0 && dirty <= 12, "{det:#}");
 
@@ -575,6 +578,45 @@ fn kill9_in_dirty_mode_while_the_ld_lags_behind() {
     let sy = slink_of(&det, 1)["sync"].clone();
     assert!(u(&sy, "bytes_copied") <= 12 * REGION, "no full copy: {sy:#}");
     assert_same(&ld.image, &f.rd, "after kill -9 in dirty mode with the LD behind");
+}
+
+/// Invariant 5: when SLINK 0 holds the log's oldest entries (its device fails) while a
+/// replica is paused at the same point, leaving ordered mode would free nothing: the
+/// replica stays ordered and writes wait for room. After the LD heals and the replica
+/// resumes, every copy is equal with no resync.
+#[test]
+fn a_replica_is_not_expelled_while_slink0_holds_the_log() {
+    require!("qemu-io");
+    if let Some(why) = faulty::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let ld = FaultyDevice::start(DEV_BYTES);
+    let d = Daemon::start();
+    let f = Files::new(&d, "");
+    d.create("r0", &table(&f.log, &ld.path_s(), "asynchronous", &f.rd_s(), &f.disk_nosync()));
+    d.cli_ok(&["message", "r0", "0", "statistics", "on"]);
+    wait_in_sync(&d, "r0");
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    ld.fail();
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for (p, off, len) in region_writes(0..12, 0x31) {
+        cmd.args(["-c", &format!("write -P {p} {off} {len}")]);
+    }
+    cmd.arg(d.uri("r0-0")).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut writer = KillOnDrop(cmd.spawn().expect("start qemu-io"));
+    let det = wait_for(&d, "r0", SETTLE, "with the log full", |det| {
+        det["statistics"]["log_full_waits"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(slink_of(&det, 1)["sync"]["ordered"], true, "the replica was expelled: {det:#}");
+    assert!(!left_ordered(&d), "no slink left ordered mode");
+    ld.heal();
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "resume"]);
+    assert!(wait_until(SETTLE, || writer.0.try_wait().unwrap().is_some()), "the writer finishes once the LD heals");
+    let det = wait_in_sync(&d, "r0");
+    assert_eq!(u(&slink_of(&det, 1)["sync"], "bytes_copied"), 0, "no resync: {det:#}");
+    assert_same(&ld.image, &f.rd, "after the LD healed");
 }
 
 // ---------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ pub(crate) struct ResyncWork {
 /// I/O for the thread that asked.
 pub(crate) enum Io {
     /// Appender: append the batch, then [`Event::Appended`].
-    Append(Batch),
+    Append(Box<Batch>),
     /// Appender: flush these dirty logs, then [`Event::DirtyFlushed`].
     FlushDirty(Vec<Arc<dyn DirtyLog>>),
     /// Flush the SLINK's dirty logs, unregister it from the log, then [`Event::Left`].
@@ -181,7 +181,7 @@ pub(crate) enum Event {
     /// The appender is free.
     AppenderReady,
     Appended {
-        batch: Batch,
+        batch: Box<Batch>,
         took: Duration,
         result: Result<Vec<EntryMeta>, LogError>,
     },
@@ -677,7 +677,7 @@ impl Machine {
             return Effects::default();
         }
         match self.plan(now) {
-            Some(b) => Effects::io(Io::Append(b)),
+            Some(b) => Effects::io(Io::Append(Box::new(b))),
             None => Effects::default(),
         }
     }
@@ -741,9 +741,9 @@ impl Machine {
         Some(Batch { pendings, slices, slinks: set, eras })
     }
 
-    fn appended(&mut self, now: Instant, batch: Batch, result: Result<Vec<EntryMeta>, LogError>) -> Effects {
+    fn appended(&mut self, now: Instant, batch: Box<Batch>, result: Result<Vec<EntryMeta>, LogError>) -> Effects {
         let mut fx = Effects::default();
-        let Batch { mut pendings, slices, slinks: _, eras } = batch;
+        let Batch { mut pendings, slices, slinks: _, eras } = *batch;
         if self.shutdown {
             for p in pendings {
                 fx.fail(p.req, p.done, Errno::SHUTDOWN);
@@ -982,7 +982,7 @@ impl Machine {
         }
         let logs: Vec<Arc<dyn DirtyLog>> =
             self.dirty.iter().filter(|((s, _), _)| *s == nr).map(|(_, (l, _))| l.clone()).collect();
-        warn!(group = %self.name, slink = nr, reason, entries = marked, "slink leaves ordered mode: its devices are out of sync until a resync ends");
+        warn!(group = %self.name, slink = nr, reason, entries = marked, "slink left ordered mode: its devices are out of sync until a resync ends");
         Effects::io(Io::Leave { slink: nr, logs })
     }
 
@@ -1062,8 +1062,11 @@ impl Machine {
             group = %self.name, slink = nr, regions = rt.resync.regions_done, bytes = rt.resync.bytes_copied, took = ?took,
             "resync complete: slink in ordered mode"
         );
-        let rate_limit = rt.resync.rate_limit;
-        rt.resync = ResyncState { rate_limit, ..Default::default() };
+        // What the resync did stays in the status until the next one starts.
+        rt.resync.done = false;
+        rt.resync.reason = None;
+        rt.resync.since = None;
+        rt.resync.cursor = (0, 0);
         rt.update_mode(&self.name, nr, now);
         let dirty: u64 = self.dirty.iter().filter(|((s, _), _)| *s == nr).map(|(_, (l, _))| l.dirty_count()).sum();
         if dirty > 0 {
@@ -1158,7 +1161,7 @@ impl Machine {
         }
         let rt = self.slinks.get_mut(&nr).expect("slink");
         rt.waiting_for_device = None;
-        (last > rt.shipped).then(|| ApplyWork { slink: nr, era: rt.era, entries: out, last })
+        (last > rt.shipped).then_some(ApplyWork { slink: nr, era: rt.era, entries: out, last })
     }
 
     fn applied(

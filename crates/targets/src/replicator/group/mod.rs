@@ -85,6 +85,9 @@ pub(crate) struct Chunk {
     len: usize,
 }
 
+/// An entry overlaying a read, with its data if cached.
+type Overlaid = (EntryMeta, Option<Chunk>);
+
 impl Chunk {
     fn bytes(&self) -> &[u8] {
         &self.buf[self.start..self.start + self.len]
@@ -193,7 +196,7 @@ impl Inner {
         // An entry read back from the log may have been applied and its space reused
         // in the meantime (crc mismatch): then the LD has it, so try again.
         for _ in 0..8 {
-            let (ld, pending): (Arc<dyn SlinkHandler>, Vec<(EntryMeta, Option<Chunk>)>) = {
+            let (ld, pending): (Arc<dyn SlinkHandler>, Vec<Overlaid>) = {
                 let mut m = self.m.lock();
                 let over = m.overlay.overlapping(dev_nr, offset, buf.len() as u64);
                 if m.stats.enabled {
