@@ -203,7 +203,7 @@ mod tests {
 
     fn ctx_build(s: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
         let reg = dmrep_core::DeviceRegistry::new();
-        construct(&BuildContext { device_name: "t", devices: &reg, restoring: false }, s)
+        construct(&BuildContext::new("t", &reg), s)
     }
 
     #[test]
