@@ -382,6 +382,12 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     if let Some(r) = &recovery {
         tracing::info!(group = ctx.device_name, "replication log recovered: {r:?}");
     }
+    // An opened log's size is the one on disk (only its superblocks, inside the range
+    // claimed above, were written): claim all of it.
+    let on_disk = log.stats().size;
+    if on_disk > size {
+        claiming.claim(lpath, start..start.saturating_add(on_disk), "replication log".to_string())?;
+    }
     if log.max_entry_data() < MAX_ENTRY_DATA {
         return Err(TargetError::params(
             T,
