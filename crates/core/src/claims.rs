@@ -91,28 +91,33 @@ pub enum ClaimError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "{path}: {} for {user} would overlap {} already used by {other}{}: one owner per byte",
-        show_range(range),
-        show_range(other_range),
-        via(path, other_path)
-    )]
-    Overlap {
-        path: String,
-        /// The refused user, e.g. `device r0 (RD of group r0, slink 1 device 0)`.
-        user: String,
-        range: Range<u64>,
-        /// The user already holding the bytes.
-        other: String,
-        other_range: Range<u64>,
-        /// The path the other user opened the file by.
-        other_path: String,
-    },
+    #[error("{0}")]
+    Overlap(Box<Overlap>),
     #[error(
         "{path}: locked by another process{}: a file or device is used by one dmrep daemon at a time",
         pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     Locked { path: String, pid: Option<u32> },
+}
+
+/// A claim refused because another user holds some of its bytes.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path}: {} for {user} would overlap {} already used by {other}{}: one owner per byte",
+    show_range(range),
+    show_range(other_range),
+    via(path, other_path)
+)]
+pub struct Overlap {
+    pub path: String,
+    /// The refused user, e.g. `device r0 (RD of group r0, slink 1 device 0)`.
+    pub user: String,
+    pub range: Range<u64>,
+    /// The user already holding the bytes.
+    pub other: String,
+    pub other_range: Range<u64>,
+    /// The path the other user opened the file by.
+    pub other_path: String,
 }
 
 /// `sectors a..b`, `bytes a..b` when not sector-aligned, or `the whole file`.
@@ -121,7 +126,7 @@ fn show_range(r: &Range<u64>) -> String {
         "the whole file".to_string()
     } else if r.end == u64::MAX {
         format!("bytes {}..the end", r.start)
-    } else if r.start % 512 == 0 && r.end % 512 == 0 {
+    } else if r.start.is_multiple_of(512) && r.end.is_multiple_of(512) {
         format!("sectors {}..{}", r.start / 512, r.end / 512)
     } else {
         format!("bytes {}..{}", r.start, r.end)
@@ -206,14 +211,14 @@ impl Claims {
                         && !(h.owner.device == owner.device && (h.owner.scope != owner.scope || h.role == role))
                 });
                 if let Some(h) = clash {
-                    return Err(ClaimError::Overlap {
+                    return Err(ClaimError::Overlap(Box::new(Overlap {
                         path: shown,
                         user: user(owner, &role),
                         range,
                         other: h.user(),
                         other_range: h.range.clone(),
                         other_path: h.path.clone(),
-                    });
+                    })));
                 }
             }
             None => {
@@ -338,7 +343,7 @@ mod tests {
         let _log = reg.claim(&a, "replication log", &f, 0..MIB).unwrap();
         let e = reg.claim(&b, "linear segment at sector 0", &f, MIB - 512..2 * MIB).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, ClaimError::Overlap { .. }), "{msg}");
+        assert!(matches!(e, ClaimError::Overlap(_)), "{msg}");
         assert!(msg.contains(&f.display().to_string()), "{msg}");
         assert!(msg.contains("device r0 (replication log)"), "{msg}");
         assert!(msg.contains("device lin0 (linear segment at sector 0)"), "{msg}");
