@@ -45,38 +45,36 @@ const T: &str = "replicator";
 const MIN_LOG_BYTES: u64 = 8192 + 1024 + MAX_ENTRY_DATA;
 const TD: &str = "replicator-dev";
 
-/// The claims (DESIGN 4.9) one owner makes on a group's files: the group itself (its
-/// log, the paper form's devices, SLINKs added by a reload), or a replicator-dev's table
-/// (the devices it attaches). Released when dropped.
+/// Claims (DESIGN 4.9) on a group's files, made for one owner: the group itself (its
+/// log; the paper form's devices; SLINKs a reload adds), or a replicator-dev's table
+/// (the devices it attaches). Each guard goes to what uses the bytes: the group (released
+/// when it stops), an SLINK handler (released when the device is detached), a dirty log.
 struct Claiming<'a> {
     registry: &'a Arc<Claims>,
     owner: &'a Owner,
     group: &'a str,
-    held: Vec<Claim>,
 }
 
 impl Claiming<'_> {
-    fn claim(&mut self, path: &str, range: Range<u64>, role: String) -> Result<FileId, TargetError> {
-        let c = self.registry.claim(self.owner, role, Path::new(path), range)?;
-        let id = c.file();
-        self.held.push(c);
-        Ok(id)
+    fn claim(&self, path: &str, range: Range<u64>, role: String) -> Result<Claim, TargetError> {
+        Ok(self.registry.claim(self.owner, role, Path::new(path), range)?)
     }
 
     /// Device `dev_nr` of SLINK `slink` (the LD on SLINK 0, else an RD): `0..bytes`.
-    fn device(&mut self, slink: u32, dev_nr: u32, path: &str, bytes: u64) -> Result<(), TargetError> {
+    fn device(&self, slink: u32, dev_nr: u32, path: &str, bytes: u64) -> Result<Claim, TargetError> {
         let kind = if slink == 0 { "LD" } else { "RD" };
-        let role = format!("{kind} of group {}, slink {slink} device {dev_nr}", self.group);
-        self.claim(path, 0..bytes, role).map(|_| ())
+        self.claim(path, 0..bytes, format!("{kind} of group {}, slink {slink} device {dev_nr}", self.group))
     }
 
     /// The `disk` dirty log of replica `r` of device `dev_nr`, if it has one: the whole file.
-    fn dirty_log(&mut self, dev_nr: u32, r: &ReplicaSpec) -> Result<(), TargetError> {
-        if let DirtyLogSpec::Disk { path, .. } = &r.dirty_log {
-            let role = format!("disk dirty log of group {}, slink {} device {dev_nr}", self.group, r.slink_nr);
-            self.claim(path, WHOLE_FILE, role)?;
+    fn dirty_log(&self, dev_nr: u32, r: &ReplicaSpec) -> Result<Option<Claim>, TargetError> {
+        match &r.dirty_log {
+            DirtyLogSpec::Disk { path, .. } => {
+                let role = format!("disk dirty log of group {}, slink {} device {dev_nr}", self.group, r.slink_nr);
+                self.claim(path, WHOLE_FILE, role).map(Some)
+            }
+            _ => Ok(None),
         }
-        Ok(())
     }
 }
 
@@ -123,17 +121,20 @@ fn open_dirty(
     dev_nr: u32,
     dev_bytes: u64,
     new_rd: bool,
-    claiming: &mut Claiming<'_>,
+    claiming: &Claiming<'_>,
 ) -> Result<OpenedDirty, TargetError> {
-    claiming.dirty_log(dev_nr, r)?;
+    let claim = claiming.dirty_log(dev_nr, r)?;
     Ok(match &r.dirty_log {
         DirtyLogSpec::None => None,
         DirtyLogSpec::Core { region_sectors, sync } => {
             Some((Arc::new(CoreLog::new(dev_bytes, sectors_to_bytes(*region_sectors))), *sync && new_rd))
         }
         DirtyLogSpec::Disk { path, region_sectors, sync } => {
-            let (l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
+            let (mut l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
                 .map_err(|e| TargetError::params(T, e.to_string()))?;
+            if let Some(c) = claim {
+                l.keep_claim(c);
+            }
             Some((Arc::new(l), false))
         }
     })
@@ -162,7 +163,7 @@ fn attach_dirty(
     r: &ReplicaSpec,
     dev_bytes: u64,
     new_rd: bool,
-    claiming: &mut Claiming<'_>,
+    claiming: &Claiming<'_>,
 ) -> Result<(), TargetError> {
     attach_opened(group, dev_nr, r, dev_bytes, open_dirty(r, dev_nr, dev_bytes, new_rd, claiming)?)
 }
@@ -199,7 +200,7 @@ impl ReplicatorTarget {
 struct Reload {
     policies: Vec<(u16, Policy, Thresholds)>,
     new_slinks: Vec<(SlinkSetup, Vec<NewReplica>)>,
-    /// The new SLINKs' devices and dirty logs, the group's once applied.
+    /// The new SLINKs' devices, the group's once applied.
     claims: Vec<Claim>,
 }
 
@@ -261,8 +262,8 @@ fn reload(
     // (Transports and per-device replicas were checked by `construct`.)
     let mut policies = Vec::new();
     let mut new_slinks = Vec::new();
-    let mut claiming =
-        Claiming { registry: ctx.devices.claims(), owner: &handle.owner, group: ctx.device_name, held: Vec::new() };
+    let claiming = Claiming { registry: ctx.devices.claims(), owner: &handle.owner, group: ctx.device_name };
+    let mut claims = Vec::new();
     for s in &spec.slinks {
         let (policy, thresholds) = (policy_of(&s.policy), thresholds_of(&s.fallbehind));
         if live.contains(&(s.nr as u16)) {
@@ -275,13 +276,12 @@ fn reload(
             let r = d.replicas.iter().find(|r| r.slink_nr == s.nr).ok_or_else(|| {
                 TargetError::params(T, format!("device {}: no device on new slink {}", d.dev_nr, s.nr))
             })?;
-            claiming.device(s.nr, d.dev_nr, &r.path, handle.dev_bytes)?;
+            claims.push(claiming.device(s.nr, d.dev_nr, &r.path, handle.dev_bytes)?);
             h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
-            reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, &mut claiming)?));
+            reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, &claiming)?));
         }
         new_slinks.push((SlinkSetup { nr: s.nr as u16, handler: h, policy, thresholds }, reps));
     }
-    let claims = claiming.held;
     handle.users.fetch_add(1, Ordering::SeqCst);
     Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks, claims })))
 }
@@ -313,17 +313,17 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     // The SLINKs and, in the paper form, the devices: claimed, opened and size-checked
     // before the log is touched, so a refused table writes nothing.
     let owner = Owner::new(ctx.device_name);
-    let mut claiming =
-        Claiming { registry: ctx.devices.claims(), owner: &owner, group: ctx.device_name, held: Vec::new() };
+    let claiming = Claiming { registry: ctx.devices.claims(), owner: &owner, group: ctx.device_name };
+    let mut claims = Vec::new();
     let mut setups = Vec::new();
     let mut declared = Vec::new();
     for s in &spec.slinks {
         let h = Arc::new(LocalSlink::new());
         for d in &spec.devices {
             for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
-                claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?;
+                claims.push(claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?);
                 // (Opened once the group runs; claimed now, before the log is touched.)
-                claiming.dirty_log(d.dev_nr, r)?;
+                claims.extend(claiming.dirty_log(d.dev_nr, r)?);
                 h.attach(d.dev_nr, &r.path, dev_bytes)?;
                 declared.push((s.nr, d.dev_nr, r.path.clone()));
             }
@@ -369,7 +369,9 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             ),
         ));
     }
-    let log_id = claiming.claim(lpath, start..start.saturating_add(size), "replication log".to_string())?;
+    let log_claim = claiming.claim(lpath, start..start.saturating_add(size), "replication log".to_string())?;
+    let log_id = log_claim.file();
+    claims.push(log_claim);
     let log_err = |e: super::log::LogError| TargetError::params(T, format!("replication log {lpath}: {e}"));
     let (log, recovery) = match spec.log.open_mode {
         OpenMode::Create => (RingLog::create(backend, start, size).map_err(log_err)?, None),
@@ -386,7 +388,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     // claimed above, were written): claim all of it.
     let on_disk = log.stats().size;
     if on_disk > size {
-        claiming.claim(lpath, start..start.saturating_add(on_disk), "replication log".to_string())?;
+        claims.push(claiming.claim(lpath, start..start.saturating_add(on_disk), "replication log".to_string())?);
     }
     if log.max_entry_data() < MAX_ENTRY_DATA {
         return Err(TargetError::params(
@@ -403,13 +405,12 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         Group::start(ctx.device_name, log, lpath.clone(), recovery, setups).map_err(|e| TargetError::failed(T, e))?;
     for d in &spec.devices {
         for r in &d.replicas {
-            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring, &mut claiming) {
+            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring, &claiming) {
                 group.shutdown();
                 return Err(e);
             }
         }
     }
-    let claims = claiming.held;
     let handle = Arc::new(GroupHandle {
         group: Mutex::new(Some(group.clone())),
         declared: Mutex::new(declared),
@@ -591,8 +592,6 @@ pub struct ReplicatorDev {
     dev_nr: u32,
     attached: Vec<u16>,
     replicas: Vec<ReplicaSpec>,
-    /// The devices and dirty logs this table attached (released at shutdown).
-    claims: Mutex<Vec<Claim>>,
 }
 
 pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
@@ -616,8 +615,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         }
     }
     let mut attached = Vec::new();
-    let mut claiming =
-        Claiming { registry: ctx.devices.claims(), owner: &ctx.owner, group: &spec.control, held: Vec::new() };
+    let claiming = Claiming { registry: ctx.devices.claims(), owner: &ctx.owner, group: &spec.control };
     for r in &spec.replicas {
         let h = group.handler(r.slink_nr as u16).ok_or_else(|| {
             TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
@@ -634,9 +632,13 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                     ),
                 ));
             }
-            if let Err(e) =
-                claiming.device(r.slink_nr, spec.dev_nr, &r.path, len).and_then(|_| h.attach(spec.dev_nr, &r.path, len))
-            {
+            if let Err(e) = claiming.device(r.slink_nr, spec.dev_nr, &r.path, len).and_then(|c| {
+                h.attach(spec.dev_nr, &r.path, len)?;
+                // Held while the device is attached: an LD leaves its group only
+                // once SLINK 0 has every entry of it, after this table is gone.
+                h.keep_claim(spec.dev_nr, c);
+                Ok(())
+            }) {
                 for nr in &attached {
                     if let Some(h) = group.handler(*nr) {
                         h.detach(spec.dev_nr);
@@ -645,8 +647,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                 return Err(e);
             }
             attached.push(r.slink_nr as u16);
-            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log || !ctx.restoring, &mut claiming)
-            {
+            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log || !ctx.restoring, &claiming) {
                 for nr in &attached {
                     if let Some(h) = group.handler(*nr) {
                         h.detach(spec.dev_nr);
@@ -658,8 +659,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         }
     }
     group.kick();
-    let claims = Mutex::new(claiming.held);
-    Ok(Arc::new(ReplicatorDev { group, dev_nr: spec.dev_nr, attached, replicas: spec.replicas, claims }))
+    Ok(Arc::new(ReplicatorDev { group, dev_nr: spec.dev_nr, attached, replicas: spec.replicas }))
 }
 
 impl Target for ReplicatorDev {
@@ -733,6 +733,5 @@ impl Target for ReplicatorDev {
         if !self.attached.is_empty() {
             self.group.remove_device(self.dev_nr);
         }
-        self.claims.lock().clear();
     }
 }
