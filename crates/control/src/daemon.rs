@@ -104,7 +104,7 @@ impl Daemon {
     fn build(&self, name: &str, text: &str) -> Result<LiveTable, DaemonError> {
         let spec = parse_table(text)?;
         let restoring = self.restoring.load(std::sync::atomic::Ordering::SeqCst);
-        let ctx = BuildContext { device_name: name, devices: &self.devices, restoring };
+        let ctx = BuildContext { restoring, ..BuildContext::new(name, &self.devices) };
         let mut built = Vec::with_capacity(spec.segments.len());
         for seg in &spec.segments {
             match self.targets.build(&ctx, seg) {

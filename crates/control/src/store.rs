@@ -6,9 +6,14 @@
 //! the directory) after every change, so a crash leaves either the old or the new list.
 //!
 //! Layout (JSON): `{"format": 1, "devices": [{"name": .., "uuid": .., "table": ..}]}`.
+//!
+//! `lock` holds the running daemon's pid (text). One daemon per state directory
+//! (DESIGN 4.9): [`Store::open`] takes an exclusive `flock` on it, held as long as the
+//! store (the daemon's life; the kernel drops it when the process dies, however it
+//! dies), and a second daemon fails at once naming the directory and the holder's pid.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -49,17 +54,46 @@ pub enum StoreError {
     },
     #[error("{path}: state format {got} is newer than this dmrep understands ({STORE_FORMAT})")]
     Version { path: PathBuf, got: u32 },
+    #[error(
+        "state directory {} is in use by another dmrep daemon ({}): one daemon per state directory",
+        path.display(),
+        pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid unknown".to_string())
+    )]
+    Locked { path: PathBuf, pid: Option<u32> },
 }
+
+/// The lock file's name in the state directory.
+const LOCK_FILE: &str = "lock";
 
 pub struct Store {
     dir: PathBuf,
+    /// Holds the directory's lock while the store lives.
+    _lock: File,
 }
 
 impl Store {
-    /// Open (creating if needed) the state directory.
+    /// Open (creating if needed) the state directory, and lock it: refused while another
+    /// process (another daemon) has it open.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(|e| StoreError::Io { path: dir.to_path_buf(), source: e })?;
-        Ok(Store { dir: dir.to_path_buf() })
+        let path = dir.join(LOCK_FILE);
+        let io_err = |e| StoreError::Io { path: path.clone(), source: e };
+        // Not truncated before it is ours: it names the holder.
+        let mut lock =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_err)?;
+        if !dmrep_core::claims::try_lock_exclusive(&lock).map_err(io_err)? {
+            let mut text = String::new();
+            let _ = lock.read_to_string(&mut text);
+            let pid = text
+                .trim()
+                .parse()
+                .ok()
+                .or_else(|| lock.metadata().ok().and_then(|m| dmrep_core::claims::lock_holder(&m)));
+            return Err(StoreError::Locked { path: dir.to_path_buf(), pid });
+        }
+        lock.set_len(0).map_err(io_err)?;
+        lock.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io_err)?;
+        Ok(Store { dir: dir.to_path_buf(), _lock: lock })
     }
 
     pub fn dir(&self) -> &Path {
@@ -117,5 +151,16 @@ mod tests {
         assert_eq!(s.load().unwrap(), recs);
         fs::write(s.file(), b"{\"format\": 99, \"devices\": []}").unwrap();
         assert!(s.load().unwrap_err().to_string().contains("newer"));
+    }
+
+    #[test]
+    fn one_store_per_directory_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let e = Store::open(d.path()).err().expect("a second open is refused").to_string();
+        assert!(e.contains(&d.path().display().to_string()), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(s);
+        let _again = Store::open(d.path()).unwrap();
     }
 }

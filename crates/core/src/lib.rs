@@ -4,11 +4,13 @@
 //! - [`target`]: the object-safe [`Target`](target::Target) trait, the I/O
 //!   [`Request`](target::Request) and its asynchronous [`Completion`](target::Completion).
 //! - [`backend`]: positional block back-ends (regular files and block devices).
+//! - [`claims`]: who uses which bytes of which file (one owner per byte).
 //! - [`device`]: mapped devices: active/inactive tables, suspend/resume, in-flight accounting.
 //! - [`registry`]: the set of mapped devices and the target-type registry.
 //! - [`units`]: sector/byte newtypes and conversions, in one place.
 
 pub mod backend;
+pub mod claims;
 pub mod device;
 pub mod fault;
 pub mod registry;
@@ -16,6 +18,7 @@ pub mod target;
 pub mod units;
 
 pub use backend::{BlockBackend, FileBackend};
+pub use claims::{Claim, ClaimError, Claims, Owner};
 pub use device::{DeviceInfo, DeviceState, MappedDevice};
 pub use registry::{BuildContext, DeviceRegistry, TargetRegistry};
 pub use target::{Completion, IoSink, Op, Request, Target, TargetError, TargetStatus};

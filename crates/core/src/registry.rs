@@ -2,11 +2,14 @@
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 
 use dmrep_formats::table::SegmentSpec;
 use parking_lot::{Mutex, RwLock};
 
+use crate::claims::{Claim, Claims, Owner};
 use crate::device::MappedDevice;
 use crate::target::{Target, TargetError};
 
@@ -19,6 +22,22 @@ pub struct BuildContext<'a> {
     /// The table is one the daemon restores at start-up (it was live before), not one
     /// an operator creates now: a replica it names is not new to its group.
     pub restoring: bool,
+    /// Who this table's claims belong to: the device, and this table (a new scope per
+    /// build, so that a reload may claim what the live table holds).
+    pub owner: Owner,
+}
+
+impl<'a> BuildContext<'a> {
+    /// The context of one table build for `device_name` (not `restoring`).
+    pub fn new(device_name: &'a str, devices: &'a DeviceRegistry) -> Self {
+        BuildContext { device_name, devices, restoring: false, owner: Owner::new(device_name) }
+    }
+
+    /// Claim bytes `range` of the file at `path` for this table's `role` (DESIGN 4.9).
+    /// Keep the guard as long as the target uses the file.
+    pub fn claim(&self, path: &str, range: Range<u64>, role: impl Into<String>) -> Result<Claim, TargetError> {
+        Ok(self.devices.claims().claim(&self.owner, role, Path::new(path), range)?)
+    }
 }
 
 /// Builds one target from its segment (length and parameters).
@@ -68,16 +87,23 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// The mapped devices, by name, plus shared objects that targets publish for each
-/// other (a replicator control device publishes its group under its device name).
+/// other (a replicator control device publishes its group under its device name), and
+/// the claims their targets hold on files.
 #[derive(Default)]
 pub struct DeviceRegistry {
     devices: RwLock<BTreeMap<String, Arc<MappedDevice>>>,
     shared: Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>,
+    claims: Arc<Claims>,
 }
 
 impl DeviceRegistry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Who uses which bytes of which file: one registry for all devices.
+    pub fn claims(&self) -> &Arc<Claims> {
+        &self.claims
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<MappedDevice>> {
@@ -118,6 +144,7 @@ impl DeviceRegistry {
         let dev = devs.remove(old).ok_or_else(|| RegistryError::NotFound(old.to_string()))?;
         dev.set_name(new);
         devs.insert(new.to_string(), dev);
+        self.claims.rename_device(old, new);
         Ok(())
     }
 

@@ -138,6 +138,8 @@ pub enum TargetError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(transparent)]
+    Claim(#[from] crate::claims::ClaimError),
     #[error("{0}")]
     Other(String),
 }

@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use dmrep_core::target::complete_with;
 use dmrep_core::units::sectors_to_bytes;
-use dmrep_core::{BlockBackend, BuildContext, Completion, Op, Request, Target, TargetError, TargetStatus};
+use dmrep_core::{BlockBackend, BuildContext, Claim, Completion, Op, Request, Target, TargetError, TargetStatus};
 use dmrep_formats::table::SegmentSpec;
+use parking_lot::Mutex;
 
 use crate::params::{expect_args, number, open_device};
 
@@ -14,13 +15,21 @@ pub struct Linear {
     path: String,
     /// Byte offset on the device.
     offset: u64,
+    /// The segment's bytes of the device (released at shutdown).
+    claim: Mutex<Option<Claim>>,
 }
 
-pub fn construct(_ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
+pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
     expect_args("linear", &seg.args, 2, "<dev_path> <offset_sectors>")?;
     let offset = number("linear", "offset", &seg.args[1])?;
-    let dev = open_device("linear", &seg.args[0], offset, seg.len)?;
-    Ok(Arc::new(Linear { dev, path: seg.args[0].clone(), offset: sectors_to_bytes(offset) }))
+    let role = format!("linear segment at sector {}", seg.start);
+    let (dev, claim) = open_device(ctx, "linear", &seg.args[0], offset, seg.len, role)?;
+    Ok(Arc::new(Linear {
+        dev,
+        path: seg.args[0].clone(),
+        offset: sectors_to_bytes(offset),
+        claim: Mutex::new(Some(claim)),
+    }))
 }
 
 /// Do one request against a back-end at `base + req.offset`. Shared by linear-like targets.
@@ -62,5 +71,9 @@ impl Target for Linear {
 
     fn status(&self) -> TargetStatus {
         TargetStatus::new("", serde_json::json!({ "device": self.path, "offset_bytes": self.offset }))
+    }
+
+    fn shutdown(&self) {
+        self.claim.lock().take();
     }
 }

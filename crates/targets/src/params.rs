@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dmrep_core::units::sectors_to_bytes;
-use dmrep_core::{BlockBackend, FileBackend, TargetError};
+use dmrep_core::{BlockBackend, BuildContext, Claim, FileBackend, TargetError};
 
 /// Parse an unsigned integer parameter, naming it in the error.
 pub(crate) fn number(target: &'static str, field: &str, s: &str) -> Result<u64, TargetError> {
@@ -12,19 +12,25 @@ pub(crate) fn number(target: &'static str, field: &str, s: &str) -> Result<u64, 
         .map_err(|_| TargetError::params(target, format!("{field}: expected an unsigned integer, found {s:?}")))
 }
 
-/// Open a device (regular file or block device) and check that `need_sectors` from
-/// `offset_sectors` fit in it.
+/// Open a device (regular file or block device), check that `need_sectors` from
+/// `offset_sectors` fit in it, and claim those sectors for `role` of the table being
+/// built (keep the claim as long as the back-end).
 pub(crate) fn open_device(
+    ctx: &BuildContext<'_>,
     target: &'static str,
     path: &str,
     offset_sectors: u64,
     need_sectors: u64,
-) -> Result<Arc<dyn BlockBackend>, TargetError> {
+    role: String,
+) -> Result<(Arc<dyn BlockBackend>, Claim), TargetError> {
     let be =
         FileBackend::open(Path::new(path)).map_err(|e| TargetError::Device { path: path.to_string(), source: e })?;
     let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
     match end {
-        Some(end) if end <= be.size() => Ok(Arc::new(be)),
+        Some(end) if end <= be.size() => {
+            let claim = ctx.claim(path, sectors_to_bytes(offset_sectors)..end, role)?;
+            Ok((Arc::new(be), claim))
+        }
         _ => Err(TargetError::params(
             target,
             format!(

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use dmrep_core::target::complete_with;
 use dmrep_core::units::{sectors_to_bytes, SECTOR_SIZE};
-use dmrep_core::{BlockBackend, BuildContext, Completion, Op, Request, Target, TargetError, TargetStatus};
+use dmrep_core::{BlockBackend, BuildContext, Claim, Completion, Op, Request, Target, TargetError, TargetStatus};
 use dmrep_formats::table::SegmentSpec;
+use parking_lot::Mutex;
 
 use crate::params::{number, open_device};
 
@@ -33,6 +34,8 @@ pub struct Striped {
     stripes: Vec<Stripe>,
     /// Chunk size in bytes.
     chunk: u64,
+    /// Each stripe's bytes of its device (released at shutdown).
+    claims: Mutex<Vec<Claim>>,
 }
 
 /// Where a byte offset of the segment lives: `(stripe index, byte offset within the
@@ -43,7 +46,7 @@ pub fn map_offset(offset: u64, chunk: u64, stripes: u64) -> (usize, u64) {
     ((c % stripes) as usize, (c / stripes) * chunk + within)
 }
 
-pub fn construct(_ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
+pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
     const T: &str = "striped";
     let a = &seg.args;
     if a.len() < 2 {
@@ -79,13 +82,16 @@ pub fn construct(_ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn T
     }
     let per_stripe = seg.len / n;
     let mut stripes = Vec::with_capacity(n as usize);
+    let mut claims = Vec::with_capacity(n as usize);
     for i in 0..n as usize {
         let path = &a[2 + 2 * i];
         let off = number(T, &format!("stripe {i} offset"), &a[3 + 2 * i])?;
-        let dev = open_device(T, path, off, per_stripe)?;
+        let role = format!("striped segment at sector {}, stripe {i}", seg.start);
+        let (dev, claim) = open_device(ctx, T, path, off, per_stripe, role)?;
         stripes.push(Stripe { dev, path: path.clone(), offset: sectors_to_bytes(off) });
+        claims.push(claim);
     }
-    Ok(Arc::new(Striped { stripes, chunk: sectors_to_bytes(chunk) }))
+    Ok(Arc::new(Striped { stripes, chunk: sectors_to_bytes(chunk), claims: Mutex::new(claims) }))
 }
 
 impl Striped {
@@ -161,6 +167,10 @@ impl Target for Striped {
             serde_json::json!({ "stripes": devs.len(), "chunk_sectors": self.chunk / SECTOR_SIZE, "devices": devs }),
         )
     }
+
+    fn shutdown(&self) {
+        self.claims.lock().clear();
+    }
 }
 
 #[cfg(test)]
@@ -203,7 +213,7 @@ mod tests {
 
     fn ctx_build(s: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
         let reg = dmrep_core::DeviceRegistry::new();
-        construct(&BuildContext { device_name: "t", devices: &reg, restoring: false }, s)
+        construct(&BuildContext::new("t", &reg), s)
     }
 
     #[test]
@@ -221,6 +231,9 @@ mod tests {
         assert!(err(&["2", "8", p, "0", p, "2040"], 64).contains("past the end"));
         assert!(err(&["1", "8", "/nonexistent/x", "0"], 8).contains("/nonexistent/x"));
         assert!(ctx_build(&seg(&["2", "8", p, "0", p, "1024"], 2048)).is_ok());
+        // Two stripes over the same sectors of one file: one owner per byte.
+        let e = err(&["2", "8", p, "0", p, "16"], 64);
+        assert!(e.contains("stripe 0") && e.contains("stripe 1") && e.contains(p), "{e}");
     }
 
     #[test]

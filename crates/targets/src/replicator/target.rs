@@ -9,15 +9,19 @@
 //!
 //! The control device itself holds no data: reads return zeros, writes fail (EPERM).
 
-use std::collections::HashSet;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::ops::Range;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use dmrep_core::claims::{FileId, WHOLE_FILE};
 use dmrep_core::units::sectors_to_bytes;
-use dmrep_core::{BlockBackend, BuildContext, Completion, FileBackend, Op, Request, Target, TargetError, TargetStatus};
+use dmrep_core::{
+    BlockBackend, BuildContext, Claim, Claims, Completion, FileBackend, Op, Owner, Request, Target, TargetError,
+    TargetStatus,
+};
 use dmrep_formats::replicator_table::{
     parse_replicator, parse_replicator_dev, DirtyLogSpec, Mode as SpecMode, OpenMode, ReplicaSpec, ReplicatorSpec,
     SlinkKind,
@@ -41,11 +45,37 @@ const T: &str = "replicator";
 const MIN_LOG_BYTES: u64 = 8192 + 1024 + MAX_ENTRY_DATA;
 const TD: &str = "replicator-dev";
 
-/// Logs in use by a live group, by (canonical path, start byte): two groups on one
-/// log would destroy it.
-fn open_logs() -> &'static Mutex<HashSet<(PathBuf, u64)>> {
-    static LOGS: OnceLock<Mutex<HashSet<(PathBuf, u64)>>> = OnceLock::new();
-    LOGS.get_or_init(Default::default)
+/// Claims (DESIGN 4.9) on a group's files, made for one owner: the group itself (its
+/// log; the paper form's devices; SLINKs a reload adds), or a replicator-dev's table
+/// (the devices it attaches). Each guard goes to what uses the bytes: the group (released
+/// when it stops), an SLINK handler (released when the device is detached), a dirty log.
+struct Claiming<'a> {
+    registry: &'a Arc<Claims>,
+    owner: &'a Owner,
+    group: &'a str,
+}
+
+impl Claiming<'_> {
+    fn claim(&self, path: &str, range: Range<u64>, role: String) -> Result<Claim, TargetError> {
+        Ok(self.registry.claim(self.owner, role, Path::new(path), range)?)
+    }
+
+    /// Device `dev_nr` of SLINK `slink` (the LD on SLINK 0, else an RD): `0..bytes`.
+    fn device(&self, slink: u32, dev_nr: u32, path: &str, bytes: u64) -> Result<Claim, TargetError> {
+        let kind = if slink == 0 { "LD" } else { "RD" };
+        self.claim(path, 0..bytes, format!("{kind} of group {}, slink {slink} device {dev_nr}", self.group))
+    }
+
+    /// The `disk` dirty log of replica `r` of device `dev_nr`, if it has one: the whole file.
+    fn dirty_log(&self, dev_nr: u32, r: &ReplicaSpec) -> Result<Option<Claim>, TargetError> {
+        match &r.dirty_log {
+            DirtyLogSpec::Disk { path, .. } => {
+                let role = format!("disk dirty log of group {}, slink {} device {dev_nr}", self.group, r.slink_nr);
+                self.claim(path, WHOLE_FILE, role).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// What a control device publishes for its replicator-devs.
@@ -55,7 +85,11 @@ pub struct GroupHandle {
     declared: Mutex<Vec<(u32, u32, String)>>,
     /// Tables (live and loaded) using the group: it stops when the last one goes.
     users: AtomicUsize,
-    log_key: (PathBuf, u64),
+    /// The log's file and start byte (a reload must keep them).
+    log_key: (FileId, u64),
+    /// The group's own claims, released when it stops; `owner` makes more (reloads).
+    owner: Owner,
+    claims: Mutex<Vec<Claim>>,
     dev_bytes: u64,
     /// The log was created (not recovered) when the group started.
     fresh_log: bool,
@@ -82,15 +116,25 @@ pub fn thresholds_of(f: &dmrep_formats::replicator_table::FallBehind) -> Thresho
 /// trusted. `None` for the LD (no dirty log).
 type OpenedDirty = Option<(Arc<dyn DirtyLog>, bool)>;
 
-fn open_dirty(r: &ReplicaSpec, dev_bytes: u64, new_rd: bool) -> Result<OpenedDirty, TargetError> {
+fn open_dirty(
+    r: &ReplicaSpec,
+    dev_nr: u32,
+    dev_bytes: u64,
+    new_rd: bool,
+    claiming: &Claiming<'_>,
+) -> Result<OpenedDirty, TargetError> {
+    let claim = claiming.dirty_log(dev_nr, r)?;
     Ok(match &r.dirty_log {
         DirtyLogSpec::None => None,
         DirtyLogSpec::Core { region_sectors, sync } => {
             Some((Arc::new(CoreLog::new(dev_bytes, sectors_to_bytes(*region_sectors))), *sync && new_rd))
         }
         DirtyLogSpec::Disk { path, region_sectors, sync } => {
-            let (l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
+            let (mut l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
                 .map_err(|e| TargetError::params(T, e.to_string()))?;
+            if let Some(c) = claim {
+                l.keep_claim(c);
+            }
             Some((Arc::new(l), false))
         }
     })
@@ -113,8 +157,15 @@ fn attach_opened(
 }
 
 /// Open a replica's dirty log and attach it to the group.
-fn attach_dirty(group: &Group, dev_nr: u32, r: &ReplicaSpec, dev_bytes: u64, new_rd: bool) -> Result<(), TargetError> {
-    attach_opened(group, dev_nr, r, dev_bytes, open_dirty(r, dev_bytes, new_rd)?)
+fn attach_dirty(
+    group: &Group,
+    dev_nr: u32,
+    r: &ReplicaSpec,
+    dev_bytes: u64,
+    new_rd: bool,
+    claiming: &Claiming<'_>,
+) -> Result<(), TargetError> {
+    attach_opened(group, dev_nr, r, dev_bytes, open_dirty(r, dev_nr, dev_bytes, new_rd, claiming)?)
 }
 
 pub struct ReplicatorTarget {
@@ -149,6 +200,8 @@ impl ReplicatorTarget {
 struct Reload {
     policies: Vec<(u16, Policy, Thresholds)>,
     new_slinks: Vec<(SlinkSetup, Vec<NewReplica>)>,
+    /// The new SLINKs' devices, the group's once applied.
+    claims: Vec<Claim>,
 }
 
 /// A device of a new SLINK: its dev_nr, its replica and its opened dirty log.
@@ -164,9 +217,9 @@ fn reload(
     handle: Arc<GroupHandle>,
     group: Arc<Group>,
 ) -> Result<Arc<dyn Target>, TargetError> {
-    let canon = std::fs::canonicalize(&spec.log.path)
+    let log_id = FileId::of_path(Path::new(&spec.log.path))
         .map_err(|e| TargetError::Device { path: spec.log.path.clone(), source: e })?;
-    if (canon, sectors_to_bytes(spec.log.start_sector)) != handle.log_key {
+    if (log_id, sectors_to_bytes(spec.log.start_sector)) != handle.log_key {
         return Err(TargetError::params(T, "a reloaded table must keep the group's replication log (path and start)"));
     }
     if sectors_to_bytes(seg.len) != handle.dev_bytes {
@@ -209,6 +262,8 @@ fn reload(
     // (Transports and per-device replicas were checked by `construct`.)
     let mut policies = Vec::new();
     let mut new_slinks = Vec::new();
+    let claiming = Claiming { registry: ctx.devices.claims(), owner: &handle.owner, group: ctx.device_name };
+    let mut claims = Vec::new();
     for s in &spec.slinks {
         let (policy, thresholds) = (policy_of(&s.policy), thresholds_of(&s.fallbehind));
         if live.contains(&(s.nr as u16)) {
@@ -221,13 +276,14 @@ fn reload(
             let r = d.replicas.iter().find(|r| r.slink_nr == s.nr).ok_or_else(|| {
                 TargetError::params(T, format!("device {}: no device on new slink {}", d.dev_nr, s.nr))
             })?;
+            claims.push(claiming.device(s.nr, d.dev_nr, &r.path, handle.dev_bytes)?);
             h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
-            reps.push((d.dev_nr, r.clone(), open_dirty(r, handle.dev_bytes, true)?));
+            reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, &claiming)?));
         }
         new_slinks.push((SlinkSetup { nr: s.nr as u16, handler: h, policy, thresholds }, reps));
     }
     handle.users.fetch_add(1, Ordering::SeqCst);
-    Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks })))
+    Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks, claims })))
 }
 
 pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
@@ -254,14 +310,20 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         }
     }
 
-    // The SLINKs and, in the paper form, the devices: opened and size-checked before
-    // the log is touched, so a refused table writes nothing.
+    // The SLINKs and, in the paper form, the devices: claimed, opened and size-checked
+    // before the log is touched, so a refused table writes nothing.
+    let owner = Owner::new(ctx.device_name);
+    let claiming = Claiming { registry: ctx.devices.claims(), owner: &owner, group: ctx.device_name };
+    let mut claims = Vec::new();
     let mut setups = Vec::new();
     let mut declared = Vec::new();
     for s in &spec.slinks {
         let h = Arc::new(LocalSlink::new());
         for d in &spec.devices {
             for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
+                claims.push(claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?);
+                // (Opened once the group runs; claimed now, before the log is touched.)
+                claims.extend(claiming.dirty_log(d.dev_nr, r)?);
                 h.attach(d.dev_nr, &r.path, dev_bytes)?;
                 declared.push((s.nr, d.dev_nr, r.path.clone()));
             }
@@ -275,29 +337,16 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     }
     // The log.
     let lpath = &spec.log.path;
-    let canon = std::fs::canonicalize(lpath).map_err(|e| TargetError::Device { path: lpath.clone(), source: e })?;
     let start = sectors_to_bytes(spec.log.start_sector);
-    let key = (canon, start);
-    if !open_logs().lock().insert(key.clone()) {
-        return Err(TargetError::params(
-            T,
-            format!("replication log {lpath} at sector {} is in use by another group", spec.log.start_sector),
-        ));
-    }
-    let release = |e: TargetError| {
-        open_logs().lock().remove(&key);
-        e
-    };
     let backend: Arc<dyn BlockBackend> = Arc::new(
-        FileBackend::open(Path::new(lpath))
-            .map_err(|e| release(TargetError::Device { path: lpath.clone(), source: e }))?,
+        FileBackend::open(Path::new(lpath)).map_err(|e| TargetError::Device { path: lpath.clone(), source: e })?,
     );
     let size = match spec.log.size_sectors {
         Some(s) => sectors_to_bytes(s),
         None => backend.size().saturating_sub(start) & !4095,
     };
     if start + size > backend.size() && spec.log.open_mode != OpenMode::Open {
-        return Err(release(TargetError::params(
+        return Err(TargetError::params(
             T,
             format!(
                 "replication log {lpath}: {} sectors from sector {} do not fit in its {} sectors",
@@ -305,11 +354,11 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
                 start / 512,
                 backend.size() / 512
             ),
-        )));
+        ));
     }
     if matches!(spec.log.open_mode, OpenMode::Create | OpenMode::Auto) && size < MIN_LOG_BYTES {
         // (`auto` may find a valid log there; a log this small could not be used anyway.)
-        return Err(release(TargetError::params(
+        return Err(TargetError::params(
             T,
             format!(
                 "replication log {lpath}: {} sectors is too small: it must hold at least one maximal entry \
@@ -318,9 +367,12 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
                 MAX_ENTRY_DATA / 1024,
                 MIN_LOG_BYTES / 512
             ),
-        )));
+        ));
     }
-    let log_err = |e: super::log::LogError| release(TargetError::params(T, format!("replication log {lpath}: {e}")));
+    let log_claim = claiming.claim(lpath, start..start.saturating_add(size), "replication log".to_string())?;
+    let log_id = log_claim.file();
+    claims.push(log_claim);
+    let log_err = |e: super::log::LogError| TargetError::params(T, format!("replication log {lpath}: {e}"));
     let (log, recovery) = match spec.log.open_mode {
         OpenMode::Create => (RingLog::create(backend, start, size).map_err(log_err)?, None),
         OpenMode::Open => {
@@ -332,24 +384,30 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     if let Some(r) = &recovery {
         tracing::info!(group = ctx.device_name, "replication log recovered: {r:?}");
     }
+    // An opened log's size is the one on disk (only its superblocks, inside the range
+    // claimed above, were written): claim all of it.
+    let on_disk = log.stats().size;
+    if on_disk > size {
+        claims.push(claiming.claim(lpath, start..start.saturating_add(on_disk), "replication log".to_string())?);
+    }
     if log.max_entry_data() < MAX_ENTRY_DATA {
-        return Err(release(TargetError::params(
+        return Err(TargetError::params(
             T,
             format!(
                 "replication log {lpath} is too small: it must hold at least one maximal entry ({} KiB of data plus its header)",
                 MAX_ENTRY_DATA / 1024
             ),
-        )));
+        ));
     }
 
     let fresh_log = recovery.is_none();
-    let group = Group::start(ctx.device_name, log, lpath.clone(), recovery, setups)
-        .map_err(|e| release(TargetError::failed(T, e)))?;
+    let group =
+        Group::start(ctx.device_name, log, lpath.clone(), recovery, setups).map_err(|e| TargetError::failed(T, e))?;
     for d in &spec.devices {
         for r in &d.replicas {
-            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring) {
+            if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring, &claiming) {
                 group.shutdown();
-                return Err(release(e));
+                return Err(e);
             }
         }
     }
@@ -357,7 +415,9 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         group: Mutex::new(Some(group.clone())),
         declared: Mutex::new(declared),
         users: AtomicUsize::new(1),
-        log_key: key.clone(),
+        log_key: (log_id, start),
+        owner,
+        claims: Mutex::new(claims),
         dev_bytes,
         fresh_log,
     });
@@ -489,6 +549,7 @@ impl Target for ReplicatorTarget {
 
     fn resume(&self) {
         let Some(r) = self.pending.lock().take() else { return };
+        self.handle.claims.lock().extend(r.claims);
         for (nr, p, t) in r.policies {
             if let Err(e) = self.group.set_policy_and_thresholds(nr, p, t) {
                 tracing::warn!(group = %self.name, slink = nr, "reloaded policy not applied: {e}");
@@ -514,8 +575,10 @@ impl Target for ReplicatorTarget {
         if self.handle.users.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.handle.group.lock().take();
             self.group.shutdown();
-            open_logs().lock().remove(&self.handle.log_key);
+            self.handle.claims.lock().clear();
         }
+        // A reload that never became live lets go of the devices it claimed.
+        self.pending.lock().take();
     }
 }
 
@@ -552,6 +615,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         }
     }
     let mut attached = Vec::new();
+    let claiming = Claiming { registry: ctx.devices.claims(), owner: &ctx.owner, group: &spec.control };
     for r in &spec.replicas {
         let h = group.handler(r.slink_nr as u16).ok_or_else(|| {
             TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
@@ -568,7 +632,13 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                     ),
                 ));
             }
-            if let Err(e) = h.attach(spec.dev_nr, &r.path, len) {
+            if let Err(e) = claiming.device(r.slink_nr, spec.dev_nr, &r.path, len).and_then(|c| {
+                h.attach(spec.dev_nr, &r.path, len)?;
+                // Held while the device is attached: an LD leaves its group only
+                // once SLINK 0 has every entry of it, after this table is gone.
+                h.keep_claim(spec.dev_nr, c);
+                Ok(())
+            }) {
                 for nr in &attached {
                     if let Some(h) = group.handler(*nr) {
                         h.detach(spec.dev_nr);
@@ -577,7 +647,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                 return Err(e);
             }
             attached.push(r.slink_nr as u16);
-            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log || !ctx.restoring) {
+            if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log || !ctx.restoring, &claiming) {
                 for nr in &attached {
                     if let Some(h) = group.handler(*nr) {
                         h.detach(spec.dev_nr);

@@ -28,7 +28,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use dmrep_core::{BlockBackend, FileBackend};
+use dmrep_core::{BlockBackend, Claim, FileBackend};
 use parking_lot::Mutex;
 
 use super::{region_span, Bitmap, DirtyLog};
@@ -45,6 +45,8 @@ pub struct DiskLog {
     /// Serialises flushes (held across their I/O; never taken under `bits`).
     flushing: Mutex<()>,
     region_bytes: u64,
+    /// The file's claim (DESIGN 4.9), released when the last user of the log drops it.
+    claim: Option<Claim>,
 }
 
 /// The bitmap and the blocks changed since the last flush took them.
@@ -187,7 +189,13 @@ impl DiskLog {
             bits: Mutex::new(Bits { map, changed: Default::default() }),
             flushing: Mutex::new(()),
             region_bytes,
+            claim: None,
         }
+    }
+
+    /// Hold `claim` (the file's bytes) as long as the log lives.
+    pub fn keep_claim(&mut self, claim: Claim) {
+        self.claim = Some(claim);
     }
 }
 

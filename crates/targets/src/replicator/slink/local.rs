@@ -6,8 +6,8 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use dmrep_core::{BlockBackend, FileBackend, TargetError};
-use parking_lot::RwLock;
+use dmrep_core::{BlockBackend, Claim, FileBackend, TargetError};
+use parking_lot::{Mutex, RwLock};
 
 use super::{ApplyEntry, SlinkHandler};
 use crate::replicator::log::EntryKind;
@@ -15,12 +15,15 @@ use crate::replicator::log::EntryKind;
 struct Dev {
     backend: Arc<dyn BlockBackend>,
     path: String,
+    /// Its claims (DESIGN 4.9): released when the last `Arc<Dev>` goes, i.e. once the
+    /// device is detached and no I/O to it is in flight.
+    claims: Mutex<Vec<Claim>>,
 }
 
 /// Devices by dev_nr.
 #[derive(Default)]
 pub struct LocalSlink {
-    devs: RwLock<BTreeMap<u32, Dev>>,
+    devs: RwLock<BTreeMap<u32, Arc<Dev>>>,
     /// Test hook: a back-end to use instead of opening a path (fault injection).
     overrides: RwLock<BTreeMap<String, Arc<dyn BlockBackend>>>,
 }
@@ -35,11 +38,11 @@ impl LocalSlink {
         self.overrides.write().insert(path.to_string(), backend);
     }
 
-    fn dev(&self, dev_nr: u32) -> io::Result<Arc<dyn BlockBackend>> {
+    fn dev(&self, dev_nr: u32) -> io::Result<Arc<Dev>> {
         self.devs
             .read()
             .get(&dev_nr)
-            .map(|d| d.backend.clone())
+            .cloned()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("device {dev_nr} not attached")))
     }
 }
@@ -67,8 +70,15 @@ impl SlinkHandler for LocalSlink {
                 ),
             ));
         }
-        self.devs.write().insert(dev_nr, Dev { backend, path: device.to_string() });
+        self.devs.write().insert(dev_nr, Arc::new(Dev { backend, path: device.to_string(), claims: Mutex::default() }));
         Ok(())
+    }
+
+    fn keep_claim(&self, dev_nr: u32, claim: Claim) {
+        // (A device not attached uses nothing: the claim goes at once.)
+        if let Some(d) = self.devs.read().get(&dev_nr) {
+            d.claims.lock().push(claim);
+        }
     }
 
     fn detach(&self, dev_nr: u32) {
@@ -86,7 +96,7 @@ impl SlinkHandler for LocalSlink {
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
         let mut touched = BTreeSet::new();
         for e in entries {
-            let dev = self.dev(e.dev_nr)?;
+            let dev = &self.dev(e.dev_nr)?.backend;
             match e.kind {
                 EntryKind::Write => dev.write_at(e.data, e.offset)?,
                 EntryKind::WriteZeroes => dev.write_zeroes(e.offset, e.len as u64, false)?,
@@ -97,13 +107,13 @@ impl SlinkHandler for LocalSlink {
             touched.insert(e.dev_nr);
         }
         for nr in touched {
-            self.dev(nr)?.sync()?;
+            self.dev(nr)?.backend.sync()?;
         }
         Ok(())
     }
 
     fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.dev(dev_nr)?.read_at(buf, offset)
+        self.dev(dev_nr)?.backend.read_at(buf, offset)
     }
 
     /// Exercise the write path down to the device: a read alone may be answered by
@@ -123,5 +133,35 @@ impl SlinkHandler for LocalSlink {
 
     fn describe(&self) -> String {
         self.devs.read().iter().map(|(nr, d)| format!("{nr}:{}", d.path)).collect::<Vec<_>>().join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmrep_core::claims::FileId;
+    use dmrep_core::{Claims, Owner};
+
+    #[test]
+    fn a_kept_claim_lasts_until_the_device_is_detached_and_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ld");
+        std::fs::write(&f, vec![0u8; 8192]).unwrap();
+        let path = f.to_str().unwrap();
+        let reg = Claims::new();
+        let s = LocalSlink::new();
+        s.attach(0, path, 8192).unwrap();
+        s.keep_claim(0, reg.claim(&Owner::new("db0"), "LD of group g, slink 0 device 0", &f, 0..8192).unwrap());
+        let id = FileId::of_path(&f).unwrap();
+        assert_eq!(reg.users(id).len(), 1);
+        // I/O in flight (a copier holds the device) keeps the claim past the detach.
+        let busy = s.dev(0).unwrap();
+        s.detach(0);
+        assert_eq!(reg.users(id).len(), 1);
+        drop(busy);
+        assert!(reg.users(id).is_empty());
+        // A claim for a device not attached goes at once.
+        s.keep_claim(7, reg.claim(&Owner::new("db0"), "x", &f, 0..512).unwrap());
+        assert!(reg.users(id).is_empty());
     }
 }

@@ -7,7 +7,7 @@ pub mod local;
 
 use std::io;
 
-use dmrep_core::TargetError;
+use dmrep_core::{Claim, TargetError};
 
 use super::log::EntryKind;
 
@@ -29,6 +29,10 @@ pub trait SlinkHandler: Send + Sync {
     /// Attach device `dev_nr` of this site, given by the table's device parameter, and
     /// check it can hold `need_bytes`.
     fn attach(&self, dev_nr: u32, device: &str, need_bytes: u64) -> Result<(), TargetError>;
+
+    /// Keep `claim` (DESIGN 4.9: the bytes attached device `dev_nr` occupies) as long as
+    /// the device is in use: until it is detached and no I/O to it is in flight.
+    fn keep_claim(&self, dev_nr: u32, claim: Claim);
 
     /// Detach device `dev_nr` (its replicator-dev went away).
     fn detach(&self, dev_nr: u32);
