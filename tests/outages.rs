@@ -182,6 +182,17 @@ fn assert_same(ld: &Path, rd: &Path, what: &str) {
 }
 
 /// Whether the daemon logged that an SLINK left ordered mode (since its log began).
+/// A qemu-io writing `writes` to `dev` in the background (it may block: the log full).
+fn spawn_writer(d: &Daemon, dev: &str, writes: Vec<(u8, u64, u64)>) -> KillOnDrop {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for (p, off, len) in writes {
+        cmd.args(["-c", &format!("write -P {p} {off} {len}")]);
+    }
+    cmd.arg(d.uri(dev)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    KillOnDrop(cmd.spawn().expect("start qemu-io"))
+}
+
 fn left_ordered(d: &Daemon) -> bool {
     d.log_text().contains("slink left ordered mode")
 }
@@ -556,13 +567,7 @@ fn kill9_in_dirty_mode_while_the_ld_lags_behind() {
     qemu_write(&d, "r0-0", &region_writes(0..12, 0x22));
     wait_for(&d, "r0", SETTLE, "with slink 1 out of ordered mode", |det| slink_of(det, 1)["sync"]["ordered"] == false);
     ld.fail();
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for (p, off, len) in region_writes(0..12, 0x31) {
-        cmd.args(["-c", &format!("write -P {p} {off} {len}")]);
-    }
-    cmd.arg(d.uri("r0-0")).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let writer = KillOnDrop(cmd.spawn().expect("start qemu-io"));
+    let writer = spawn_writer(&d, "r0-0", region_writes(0..12, 0x31));
     let full_before = u(&detail(&d, "r0")["statistics"], "log_full_waits");
     let det = wait_for(&d, "r0", SETTLE, "with the log full of entries the LD lacks", |det| {
         det["statistics"]["log_full_waits"].as_u64().unwrap_or(0) > full_before && u(&det["log"], "entries") > 0
@@ -599,13 +604,7 @@ fn a_replica_is_not_expelled_while_slink0_holds_the_log() {
     wait_in_sync(&d, "r0");
     d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
     ld.fail();
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for (p, off, len) in region_writes(0..12, 0x31) {
-        cmd.args(["-c", &format!("write -P {p} {off} {len}")]);
-    }
-    cmd.arg(d.uri("r0-0")).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut writer = KillOnDrop(cmd.spawn().expect("start qemu-io"));
+    let mut writer = spawn_writer(&d, "r0-0", region_writes(0..12, 0x31));
     let det = wait_for(&d, "r0", SETTLE, "with the log full", |det| {
         det["statistics"]["log_full_waits"].as_u64().unwrap_or(0) > 0
     });
