@@ -585,6 +585,40 @@ fn kill9_in_dirty_mode_while_the_ld_lags_behind() {
     assert_same(&ld.image, &f.rd, "after kill -9 in dirty mode with the LD behind");
 }
 
+/// A clean stop (SIGTERM) waits for SLINK 0 to apply what the log holds (bounded), so
+/// the LD files hold every acknowledged write while the daemon is down: here the LD fails,
+/// writes are acknowledged from the log, SIGTERM arrives, the LD heals during the drain.
+#[test]
+fn sigterm_drains_slink0_before_stopping() {
+    require!("qemu-io");
+    if let Some(why) = faulty::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let ld = FaultyDevice::start(DEV_BYTES);
+    let mut d = Daemon::start();
+    let f = Files::new(&d, "");
+    d.create("r0", &table(&f.log, &ld.path_s(), "asynchronous", &f.rd_s(), &f.disk_nosync()));
+    wait_in_sync(&d, "r0");
+    ld.fail();
+    qemu_write(&d, "r0-0", &region_writes(0..4, 0x41));
+    assert!(u(&slink(&d, "r0", 0), "outstanding_ios") > 0, "the LD lacks the writes");
+    let pid = d.pid().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    assert!(wait_until(SETTLE, || d.log_text().contains("waiting for the LDs")), "the daemon drains SLINK 0");
+    ld.heal();
+    let st = d.terminate_status();
+    assert!(st.success(), "{st}");
+    let img = std::fs::read(&ld.image).unwrap();
+    for (p, off, len) in region_writes(0..4, 0x41) {
+        let at = off as usize;
+        assert!(
+            img[at..at + len as usize].iter().all(|b| *b == p),
+            "the write at {off} reached the LD before the stop"
+        );
+    }
+}
+
 /// Invariant 5: when SLINK 0 holds the log's oldest entries (its device fails) while a
 /// replica is paused at the same point, leaving ordered mode would free nothing: the
 /// replica stays ordered and writes wait for room. After the LD heals and the replica

@@ -66,6 +66,11 @@ const CACHE_BUDGET: u64 = 256 << 20;
 /// How often idle threads re-evaluate time-based state (timeout thresholds, probes).
 const TICK: Duration = Duration::from_millis(50);
 
+/// Longest a clean stop waits for SLINK 0 to apply what the log holds: long enough for a
+/// full log at disk speed in the usual case, short enough not to hold a shutdown hostage
+/// to a failing LD (what is left is applied at the next start).
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
 /// First and last delay between probes of an inaccessible SLINK.
 const PROBE_MIN: Duration = Duration::from_millis(200);
 const PROBE_MAX: Duration = Duration::from_secs(15);
@@ -357,6 +362,7 @@ impl Group {
     /// Stop the threads. Queued writes fail with ESHUTDOWN; awaiting ones too (their
     /// entries are in the log and will be shipped after a restart).
     pub fn shutdown(&self) {
+        self.drain_ld();
         let _ = self.inner.control(Control::Shutdown);
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
@@ -367,6 +373,28 @@ impl Group {
         }
         let _ = self.inner.log.sync();
         info!(group = %self.inner.name, "replication group stopped");
+    }
+
+    /// A clean stop: wait (at most [`DRAIN_WAIT`]) until SLINK 0 has applied every entry,
+    /// so that the LD files hold every acknowledged write while the daemon is down.
+    fn drain_ld(&self) {
+        let until = Instant::now() + DRAIN_WAIT;
+        let mut m = self.inner.m.lock();
+        let mut said = false;
+        loop {
+            let left = m.slinks.get(&0).map(|rt| rt.lag(Instant::now()).ios).unwrap_or(0);
+            if left == 0 || m.log_error.is_some() {
+                return;
+            }
+            if !std::mem::replace(&mut said, true) {
+                info!(group = %self.inner.name, entries = left, "stopping: waiting for the LDs to have every entry of the log");
+            }
+            if Instant::now() >= until {
+                warn!(group = %self.inner.name, entries = left, "stopping with entries not yet on the LDs: they stay in the log and are applied at the next start");
+                return;
+            }
+            self.inner.copier_cv.wait_for(&mut m, TICK);
+        }
     }
 
     /// Give back the writes of device `dev_nr` that the group still holds (queued, or
@@ -416,6 +444,11 @@ impl Group {
         initial_dirty: bool,
     ) -> Result<(), GroupError> {
         self.inner.control(Control::AttachDirty { slink: nr, dev, log, dev_bytes, initial_dirty })
+    }
+
+    /// Copy every region of SLINK `nr`'s devices again (a full resync of that site).
+    pub fn invalidate(&self, nr: SlinkNr) -> Result<(), GroupError> {
+        self.inner.control(Control::Invalidate(nr))
     }
 
     /// Limit the resync of SLINK `nr` to `rate` bytes per second (0: unlimited).

@@ -606,3 +606,22 @@ fn dirty_flush_failure_fails_the_writes() {
     let t = h.write(0, 0, 2, 4096);
     assert_eq!(h.replies.errno(t), Some(rustix::io::Errno::IO.raw_os_error()));
 }
+
+/// `slink <nr> invalidate`: every region of the site is copied again, out of ordered
+/// mode until it ends; SLINK 0 refuses.
+#[test]
+fn invalidate_copies_every_region_again() {
+    let mut h = Harness::new(&[0], &[(1, ASYNC, Thresholds::default())], 8 << 20);
+    h.write(0, 0, 3, 4096);
+    h.settle();
+    // The RD drifts (someone wrote to it behind our back): invalidate repairs it.
+    h.devs[&(1, 0)].poke(5 * REGION, &[0xee; 512]);
+    h.control(Control::Invalidate(1));
+    assert!(!h.ordered(1));
+    h.settle();
+    assert!(h.ordered(1));
+    let regions = DEV / REGION;
+    assert_eq!(h.m.slinks[&1].resync.regions_done, regions, "every region copied once");
+    h.assert_copy_equal(1);
+    assert!(h.m.control(h.now, Control::Invalidate(0)).is_err());
+}

@@ -328,6 +328,11 @@ impl Target for ReplicatorTarget {
                 self.group.set_resync_rate(nr, rate).map_err(refused)?;
                 Ok(format!("slink {nr} resync-rate {rate}"))
             }
+            ["slink", nr, "invalidate"] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                self.group.invalidate(nr).map_err(refused)?;
+                Ok(format!("slink {nr} invalidated: every region will be copied again"))
+            }
             ["slink", nr, op @ ("pause" | "resume")] => {
                 let nr = parse_slink(nr).map_err(err)?;
                 self.group.set_paused(nr, *op == "pause").map_err(refused)?;
@@ -357,7 +362,7 @@ impl Target for ReplicatorTarget {
             _ => Err(err(format!(
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
                  slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>...|none, slink <nr> pause|resume, \
-                 slink <nr> resync-rate <bytes/s>)",
+                 slink <nr> resync-rate <bytes/s>, slink <nr> invalidate)",
                 args.join(" ")
             ))),
         }

@@ -51,6 +51,7 @@ impl Machine {
                 "reset" => self.stats = Stats { enabled: self.stats.enabled, ..Stats::default() },
                 _ => return Err(GroupError::Statistics(cmd)),
             },
+            Control::Invalidate(slink) => return self.invalidate(now, slink),
             Control::ResyncRate { slink, rate } => {
                 let rt = self.slinks.get_mut(&slink).ok_or(GroupError::NoSlink(slink))?;
                 rt.resync.rate_limit = (rate > 0).then_some(rate);
@@ -188,5 +189,35 @@ impl Machine {
             let a = self.awaiting.remove(&s).expect("present");
             fx.fail(a.req, a.done, Errno::SHUTDOWN);
         }
+    }
+
+    /// Every region of SLINK `nr`'s devices becomes dirty: a full resync, out of
+    /// ordered mode until it ends.
+    fn invalidate(&mut self, now: Instant, nr: SlinkNr) -> Result<Effects, GroupError> {
+        if nr == 0 {
+            return Err(GroupError::Slink0("invalidated"));
+        }
+        let rt = self.slinks.get(&nr).ok_or(GroupError::NoSlink(nr))?;
+        let (ordered, leaving) = (rt.ordered, rt.leaving());
+        let mut logs = Vec::new();
+        for d in self.devices() {
+            match self.dirty.get(&(nr, d)) {
+                Some((log, _)) => {
+                    log.mark_all();
+                    logs.push(log.clone());
+                }
+                None => {
+                    self.missed.insert((nr, d));
+                }
+            }
+        }
+        warn!(group = %self.name, slink = nr, "slink invalidated: every region will be copied again");
+        if ordered && !leaving {
+            return Ok(self.begin_leave(now, nr, "invalidated"));
+        }
+        let rt = self.slinks.get_mut(&nr).expect("slink");
+        rt.resync.done = false;
+        rt.resync.cursor = (0, 0);
+        Ok(Effects { flush: logs, wake_copiers: true, ..Default::default() })
     }
 }

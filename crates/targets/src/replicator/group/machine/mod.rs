@@ -259,6 +259,8 @@ pub(crate) enum Control {
     },
     Shipping(bool),
     Statistics(String),
+    /// Copy every region of the SLINK's devices again (DRBD's invalidate-remote).
+    Invalidate(SlinkNr),
     ResyncRate {
         slink: SlinkNr,
         rate: u64,
