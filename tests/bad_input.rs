@@ -18,7 +18,7 @@ fn daemon_with_good_device() -> Daemon {
     let d = Daemon::start_with_tcp();
     let g = d.make_file_s("good.img", 4 * MIB);
     d.create("good", &format!("0 8192 linear {g} 0"));
-    if have("qemu-io") {
+    if have_or_skip("qemu-io") {
         qemu_io_ok(&d.uri("good"), &["write -P 0x4e 0 1M"]);
     }
     d
@@ -27,7 +27,7 @@ fn daemon_with_good_device() -> Daemon {
 fn still_serving(d: &mut Daemon) {
     assert!(d.alive(), "the daemon died\n{}", d.log_text());
     assert!(d.names().contains(&"good".to_string()));
-    if have("qemu-io") {
+    if have_or_skip("qemu-io") {
         qemu_io_ok(&d.uri("good"), &["read -P 0x4e 0 1M", "write -P 0x4e 1M 4k", "read -P 0x4e 1M 4k"]);
     }
 }
@@ -306,7 +306,7 @@ fn client_disconnects_in_the_middle_of_a_write() {
     drop(s);
     assert!(wait_until(Duration::from_secs(10), || d.open_count("good") == 0));
     still_serving(&mut d);
-    if have("qemu-io") {
+    if have_or_skip("qemu-io") {
         // The interrupted write was not applied half-way as if it had completed.
         qemu_io_ok(&d.uri("good"), &["read -P 0 2M 1M"]);
     }

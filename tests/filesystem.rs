@@ -24,7 +24,7 @@ fn checksum(data: &[u8]) -> u64 {
 fn ext4_on_striped_device_survives_remount_and_fsck() {
     require!("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount");
     if !is_root() || !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIP: needs root, /dev/fuse and /dev/loop-control");
+        skip("needs root, /dev/fuse and /dev/loop-control");
         return;
     }
     let d = Daemon::start();

@@ -57,7 +57,7 @@ except nbd.Error as e:
     assert!(out.contains("AFTER ERR"), "a request after forced removal must fail: {out}");
     // The daemon serves on: a new device with the same name works.
     d.create("busy2", "0 2048 zero");
-    if have("qemu-io") {
+    if have_or_skip("qemu-io") {
         qemu_io_ok(&d.uri("busy2"), &["read -P 0 0 64k"]);
     }
 }

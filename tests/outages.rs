@@ -232,7 +232,7 @@ fn overflow_into(d: &Daemon, group: &str, dev: &str, regions: &[u64]) -> Value {
 fn short_outage_of_a_failing_rd_is_absorbed_by_the_log() {
     require!("qemu-io");
     if let Some(why) = faulty::unavailable() {
-        eprintln!("SKIP: {why}");
+        skip(&why);
         return;
     }
     let rd = FaultyDevice::start(DEV_BYTES);
@@ -296,7 +296,7 @@ fn short_outage_of_a_failing_rd_is_absorbed_by_the_log() {
 fn a_down_slink_stays_down_and_backs_off_while_its_device_fails() {
     require!("qemu-io");
     if let Some(why) = faulty::unavailable() {
-        eprintln!("SKIP: {why}");
+        skip(&why);
         return;
     }
     let rd = FaultyDevice::start(DEV_BYTES);
@@ -397,7 +397,7 @@ fn long_outage_goes_to_dirty_mode_and_resyncs_only_touched_regions() {
 fn long_outage_of_a_failing_rd_resyncs_the_dirty_regions_once_it_heals() {
     require!("qemu-io");
     if let Some(why) = faulty::unavailable() {
-        eprintln!("SKIP: {why}");
+        skip(&why);
         return;
     }
     let rd = FaultyDevice::start(DEV_BYTES);
@@ -549,7 +549,7 @@ fn kill9_in_dirty_mode_with_a_core_log_resyncs_everything() {
 fn kill9_in_dirty_mode_while_the_ld_lags_behind() {
     require!("qemu-io");
     if let Some(why) = faulty::unavailable() {
-        eprintln!("SKIP: {why}");
+        skip(&why);
         return;
     }
     let ld = FaultyDevice::start(DEV_BYTES);

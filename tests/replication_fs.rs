@@ -24,7 +24,7 @@ fn file_bytes(i: usize, len: usize) -> Vec<u8> {
 fn rd_frozen_mid_workload_is_a_consistent_file_system() {
     require!("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount");
     if !is_root() || !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIP: needs root, /dev/fuse and /dev/loop-control");
+        skip("needs root, /dev/fuse and /dev/loop-control");
         return;
     }
     let d = Daemon::start();

@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::{have, wait_until, KillOnDrop};
 
 /// Why the fault stack cannot run here, if it cannot (missing tool, no FUSE, no error
-/// filter); the test prints `SKIP: <reason>` and returns.
+/// filter); the test passes it to [`super::skip`] and returns.
 pub fn unavailable() -> Option<String> {
     for t in ["nbdkit", "nbdfuse", "fusermount3"] {
         if !have(t) {

@@ -50,14 +50,36 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
+/// A test, or a part of one, cannot run here because of `why` (a missing tool, no root,
+/// no FUSE). Prints `SKIP: <why>` and returns, so the caller skips; but with
+/// `DMREP_REQUIRE_TOOLS=1` (set by `scripts/test`, so in CI) it fails the test
+/// instead: there a skip would silently hide a test that never ran. Every skip goes
+/// through here.
+pub fn skip(why: &str) {
+    if std::env::var_os("DMREP_REQUIRE_TOOLS").is_some_and(|v| v == "1") {
+        panic!("cannot run: {why} (DMREP_REQUIRE_TOOLS=1: missing tools fail, not skip)");
+    }
+    eprintln!("SKIP: {why}");
+}
+
+/// Whether `tool` is installed, for a part of a test that needs it; when it is not,
+/// [`skip`] says so (and fails under `DMREP_REQUIRE_TOOLS=1`).
+pub fn have_or_skip(tool: &str) -> bool {
+    if have(tool) {
+        return true;
+    }
+    skip(&format!("the checks that need {tool} ({tool} not installed)"));
+    false
+}
+
 /// Return early from the test (printing `SKIP: <tool> not installed`) unless every
-/// tool is installed. `scripts/test` installs them all, so nothing skips in CI.
+/// tool is installed; see [`skip`] (with `DMREP_REQUIRE_TOOLS=1` a missing tool fails).
 #[macro_export]
 macro_rules! require {
     ($($tool:expr),+ $(,)?) => {
         for t in [$($tool),+] {
             if !$crate::common::have(t) {
-                eprintln!("SKIP: {t} not installed");
+                $crate::common::skip(&format!("{t} not installed"));
                 return;
             }
         }

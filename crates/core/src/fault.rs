@@ -1,8 +1,9 @@
 //! Back-ends for tests: an in-memory device that can lose power, and a wrapper that
 //! injects I/O errors into any back-end.
 //!
-//! Not `cfg(test)`: the integration tests of every crate (the replication log, the
-//! replicator, the daemon) use them.
+//! Behind the `test-support` feature (and this crate's own tests): the tests of other
+//! crates (the replication log, the replicator) and the fuzz targets enable it through
+//! their dev-dependencies; the daemon's build never has it.
 //!
 //! - [`MemBackend`]: keeps *durable* and *volatile* state apart. Writes land in a
 //!   volatile overlay (reads see them); [`sync`](BlockBackend::sync) makes them durable;

@@ -8,10 +8,13 @@
 //! - [`device`]: mapped devices: active/inactive tables, suspend/resume, in-flight accounting.
 //! - [`registry`]: the set of mapped devices and the target-type registry.
 //! - [`units`]: sector/byte newtypes and conversions, in one place.
+//! - `fault` (feature `test-support`, and this crate's tests): test back-ends, an
+//!   in-memory device that loses power and fail points for any back-end.
 
 pub mod backend;
 pub mod claims;
 pub mod device;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod registry;
 pub mod target;

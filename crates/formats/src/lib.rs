@@ -3,11 +3,14 @@
 //! - [`table`]: dmsetup's mapping-table grammar, parsed into a [`table::TableSpec`].
 //! - [`nbd`]: the NBD wire protocol (handshake, options, requests, replies).
 //! - [`control`]: the control protocol between `dmrep` and its daemon.
+//! - [`replog`]: the replication log's on-disk layout.
+//! - [`dirtylog`]: the `disk` dirty log's on-disk layout.
 //!
 //! Every type that crosses a disk or a wire documents its byte layout where it is
 //! defined and carries a version.
 
 pub mod control;
+pub mod dirtylog;
 pub mod nbd;
 pub mod replicator_table;
 pub mod replog;

@@ -13,6 +13,9 @@
 //!          each record 512-aligned: one 512-byte header, then the data padded to 512
 //! ```
 //!
+//! Counters (seqs, epochs, generations, incarnations, the fence) are at most
+//! [`MAX_COUNTER`]; a decoded value above it is refused as damage.
+//!
 //! Format versions (one line per version, what changed):
 //! - 1: first version.
 
@@ -62,6 +65,12 @@ pub const MAX_SLINKS: usize = 2048;
 /// At most this many SLINKs can be registered (have a cursor) at once: 256 cursors of
 /// 10 bytes fill 2560 bytes, which fits in a 4 KiB superblock with room to spare.
 pub const MAX_CURSORS: usize = 256;
+
+/// Largest value a counter (seq, epoch, generation, incarnation, fence) may hold on disk.
+/// Each grows by one per record, write or open: at a billion a second, 2^63 takes 292
+/// years. A larger value is damage or a crafted log; decoding refuses it, so the
+/// log's own `+ 1`s can never overflow.
+pub const MAX_COUNTER: u64 = (1 << 63) - 1;
 
 /// Flag on the last record of an epoch (one `append` call): recovery accepts an epoch only
 /// if its end is present, so a batch survives a crash entirely or not at all.
@@ -383,6 +392,17 @@ impl Superblock {
         if self.head_seq == 0 || self.generation == 0 || self.incarnation == 0 {
             return Err("head seq, generation and incarnation start at 1".into());
         }
+        for (name, v) in [
+            ("generation", self.generation),
+            ("incarnation", self.incarnation),
+            ("fence seq", self.fence_seq),
+            ("head seq", self.head_seq),
+            ("next epoch", self.next_epoch),
+        ] {
+            if v > MAX_COUNTER {
+                return Err(format!("{name} {v} is beyond the counter limit {MAX_COUNTER}"));
+            }
+        }
         for w in self.cursors.windows(2) {
             if w[0].0 >= w[1].0 {
                 return Err(format!("cursor table not sorted/unique at slink {}", w[1].0));
@@ -488,6 +508,8 @@ pub enum HeaderError {
     Flags(u8),
     #[error("wrap record with len {0} (must be 0)")]
     WrapLen(u32),
+    #[error("{field} {value} is beyond the counter limit {MAX_COUNTER}")]
+    Counter { field: &'static str, value: u64 },
 }
 
 impl EntryHeader {
@@ -561,14 +583,20 @@ impl EntryHeader {
         if kind == RecordKind::Wrap && len != 0 {
             return Err(HeaderError::WrapLen(len));
         }
+        let (seq, epoch, incarnation) = (get_u64(b, 32), get_u64(b, 40), get_u64(b, 48));
+        for (field, value) in [("seq", seq), ("epoch", epoch), ("incarnation", incarnation)] {
+            if value > MAX_COUNTER {
+                return Err(HeaderError::Counter { field, value });
+            }
+        }
         Ok(EntryHeader {
             kind,
             flags,
             data_crc: get_u32(b, 12),
             uuid,
-            seq: get_u64(b, 32),
-            epoch: get_u64(b, 40),
-            incarnation: get_u64(b, 48),
+            seq,
+            epoch,
+            incarnation,
             offset: get_u64(b, 56),
             dev_nr: get_u32(b, 64),
             len,
@@ -708,6 +736,38 @@ mod tests {
     }
 
     #[test]
+    fn counters_that_could_overflow_are_refused() {
+        // Found by fuzzing log recovery: a checksummed superblock or header holding
+        // u64::MAX made the log's `+ 1`s overflow (a panic in debug builds, a wrap to
+        // an invalid incarnation in release builds).
+        for f in [56, 64, 72, 88, 96] {
+            let mut b = sample_sb().encode();
+            put_u64(&mut b, f, MAX_COUNTER + 1);
+            let crc = crc_with_zeroed(&b, 12);
+            put_u32(&mut b, 12, crc);
+            let e = Superblock::decode(&b).unwrap_err();
+            assert!(e.to_string().contains("beyond the counter limit"), "field at {f}: {e}");
+        }
+        let mut sb = sample_sb();
+        sb.incarnation = MAX_COUNTER;
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        for (field, set) in [
+            ("seq", (|h: &mut EntryHeader| h.seq = u64::MAX) as fn(&mut EntryHeader)),
+            ("epoch", |h| h.epoch = MAX_COUNTER + 1),
+            ("incarnation", |h| h.incarnation = u64::MAX),
+        ] {
+            let mut h = sample_header();
+            set(&mut h);
+            let value = match field {
+                "seq" => h.seq,
+                "epoch" => h.epoch,
+                _ => h.incarnation,
+            };
+            assert_eq!(EntryHeader::decode(&h.encode()), Err(HeaderError::Counter { field, value }));
+        }
+    }
+
+    #[test]
     fn slinkset_basics() {
         let mut s = SlinkSet::new();
         assert!(s.is_empty());
@@ -735,8 +795,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn header_roundtrip(kind in 1u8..=3, last in any::<bool>(), seq in any::<u64>(), epoch in any::<u64>(),
-                            inc in any::<u64>(), offset in any::<u64>(), dev in any::<u32>(), len in any::<u32>(),
+        fn header_roundtrip(kind in 1u8..=3, last in any::<bool>(), seq in 0..=MAX_COUNTER, epoch in 0..=MAX_COUNTER,
+                            inc in 0..=MAX_COUNTER, offset in any::<u64>(), dev in any::<u32>(), len in any::<u32>(),
                             slinks in proptest::collection::vec(0u16..2048, 0..20), crc in any::<u32>()) {
             let h = EntryHeader {
                 kind: RecordKind::from_u8(kind).unwrap(),

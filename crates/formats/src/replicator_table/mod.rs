@@ -43,7 +43,8 @@
 //!   Without a mode the log must exist (`open`, as in the original). A size is only
 //!   meaningful with `auto` or `create`.
 //! - SLINK types `local` (alias `blockdev`), `net`, `s3`. SLINK params:
-//!   `<slink_nr> [<policy> [<fallbehind>...]]`, slink_nr at most [`MAX_SLINK_NR`].
+//!   `<slink_nr> [<policy> [<fallbehind>...]]`, slink_nr below [`MAX_SLINKS`] (the
+//!   replication log's limit: one constant for the grammar and the log).
 //!   For `net` and `s3` any further parameters are kept, uninterpreted, as transport
 //!   parameters (for `local` they are an error).
 //! - Policy: `synchronous` or `asynchronous`, or any prefix of either of at least 4
@@ -82,8 +83,20 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Largest SLINK number, as in the original: bounds per-entry SLINK bitmaps.
-pub const MAX_SLINK_NR: u32 = 2048;
+/// SLINK numbers are `0..MAX_SLINKS`: the replication log's limit (its per-entry SLINK
+/// bitmap has that many bits), checked here so a table the log cannot hold is refused
+/// when it is parsed, not after the log was created.
+pub use crate::replog::MAX_SLINKS;
+
+/// What an SLINK number field accepts, for error messages.
+fn slink_nr_expected() -> String {
+    format!("an SLINK number below {MAX_SLINKS} (0..={})", MAX_SLINKS - 1)
+}
+
+/// Whether `nr` is a valid SLINK number.
+fn slink_nr_ok(nr: u64) -> bool {
+    nr < MAX_SLINKS as u64
+}
 
 /// Smallest dirty-log region, in sectors (4 KiB): one log data slot, so a region
 /// is never smaller than the unit the log copies.
@@ -593,7 +606,7 @@ mod tests {
             ("grp 0 0 1 /a core 1 8", "slink 0 device 0: a local device takes no dirty log (\"-\" or \"nolog\"), found \"core\""),
             ("grp 0 0 1 /a - 0 1 1 /b - 0", "slink 1 device 0: a remote device needs a dirty log (core or disk), found \"-\""),
             ("grp 0 0 1 /a - 0 1 1 /b core 1 8 2 1 /c core 1 16", "device 0: slink 2: region size 16 sectors differs from 8 sectors on slink 1 (all remote devices of one device need the same region size)"),
-            ("grp 0 2049 1 /a - 0", "device 0: slink_nr: expected an SLINK number 0..=2048, found \"2049\""),
+            ("grp 0 2049 1 /a - 0", "device 0: slink_nr: expected an SLINK number below 2048 (0..=2047), found \"2049\""),
             ("grp 0 0 1 /a - 1 x", "slink 0 device 0: #dlog_params: expected 0, found \"1\""),
             ("grp 0 0 1 /a -", "slink 0 device 0: #dlog_params: expected 0, found end of parameters"),
         ];
@@ -783,9 +796,9 @@ mod tests {
 
         let cases: &[(&str, &str)] = &[
             ("tcp 1 0 2 0 /d - 0", "slink entry 1: unknown SLINK type \"tcp\" (expected local|blockdev|net|s3)"),
-            ("local 0 2 0 /d - 0", "slink entry 1: slink_nr: expected an SLINK number 0..=2048, found end of parameters"),
-            ("local 1 2049 2 0 /d - 0", "slink entry 1: slink_nr: expected an SLINK number 0..=2048, found \"2049\""),
-            ("local 1 x 2 0 /d - 0", "slink entry 1: slink_nr: expected an SLINK number 0..=2048, found \"x\""),
+            ("local 0 2 0 /d - 0", "slink entry 1: slink_nr: expected an SLINK number below 2048 (0..=2047), found end of parameters"),
+            ("local 1 2049 2 0 /d - 0", "slink entry 1: slink_nr: expected an SLINK number below 2048 (0..=2047), found \"2049\""),
+            ("local 1 x 2 0 /d - 0", "slink entry 1: slink_nr: expected an SLINK number below 2048 (0..=2047), found \"x\""),
             ("local 4 0 async ios=1 extra 2 0 /d - 0", "slink 0: unknown fall-behind threshold \"extra\" (expected ios=N|size=N[k|m|g|t]|timeout=N[ms|s|m|h])"),
             ("local 9 0", "slink entry 1: #slink_params: expected a count of at most 1 (the parameters left), found \"9\" (#slink_params 9 counts more parameters than there are)"),
             ("local", "slink entry 1: #slink_params: expected a parameter count (<slink_nr> [<policy> [<fallbehind>...]]), found end of parameters"),
@@ -942,6 +955,26 @@ mod tests {
     }
 
     #[test]
+    fn slink_numbers_stop_below_the_logs_limit() {
+        // R11: the grammar and the replication log share one limit (replog::MAX_SLINKS),
+        // so SLINK 2048 is refused by the parser, not after the log was created.
+        let line = |nr: u32| format!("default 2 /l 0 local 2 0 async 2 0 /l0 - 0 local 2 {nr} async 2 0 /r core 1 8");
+        let spec = rep(&line(2047)).unwrap();
+        assert_eq!(spec.slinks[1].nr, 2047);
+        assert_round_trip(&spec);
+        assert_eq!(
+            rep_err(&line(2048)).to_string(),
+            "slink entry 2: slink_nr: expected an SLINK number below 2048 (0..=2047), found \"2048\""
+        );
+        // The same for the device-entry form and for specs built in code.
+        assert!(dev("grp 0 0 1 /a - 0 2048 1 /b core 1 8").unwrap_err().to_string().contains("below 2048"));
+        let mut s = spec.clone();
+        s.slinks[1].nr = MAX_SLINKS as u32;
+        s.devices[0].replicas[1].slink_nr = MAX_SLINKS as u32;
+        assert!(s.validate().unwrap_err().to_string().contains("below 2048"));
+    }
+
+    #[test]
     fn validate_code_built_specs() {
         let good = parse_replicator(&table_args(PAPER_3)).unwrap();
         good.validate().unwrap();
@@ -1032,7 +1065,7 @@ mod tests {
     fn arb_spec() -> impl Strategy<Value = ReplicatorSpec> {
         (
             arb_log(),
-            prop::collection::btree_set(1u32..=MAX_SLINK_NR, 0..4),
+            prop::collection::btree_set(1u32..MAX_SLINKS as u32, 0..4),
             prop::collection::vec(arb_slink_body(), 5),
             any::<bool>(),
             prop::collection::btree_set(any::<u32>(), 1..4),
@@ -1078,7 +1111,7 @@ mod tests {
         (
             "[a-z0-9_-]{1,10}",
             any::<u32>(),
-            prop::collection::btree_set(1u32..=MAX_SLINK_NR, 0..4),
+            prop::collection::btree_set(1u32..MAX_SLINKS as u32, 0..4),
             prop::collection::vec((arb_path(), any::<bool>(), arb_path(), any::<bool>()), 5),
             3u32..24,
         )

@@ -70,10 +70,9 @@ pub(super) fn number(context: &str, field: &str, what: &str, t: Option<&str>) ->
 }
 
 pub(super) fn slink_nr(context: &str, t: Option<&str>) -> Result<u32, ReplicatorTableError> {
-    let expected = format!("an SLINK number 0..={MAX_SLINK_NR}");
     match t.and_then(parse_u64) {
-        Some(n) if n <= MAX_SLINK_NR as u64 => Ok(n as u32),
-        _ => Err(invalid(context, "slink_nr", expected, t)),
+        Some(n) if slink_nr_ok(n) => Ok(n as u32),
+        _ => Err(invalid(context, "slink_nr", slink_nr_expected(), t)),
     }
 }
 

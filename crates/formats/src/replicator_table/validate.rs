@@ -19,13 +19,8 @@ pub(super) fn validate_replicas(dev_nr: u32, replicas: &[ReplicaSpec]) -> Result
     let mut first_region: Option<(u32, u64)> = None;
     for r in replicas {
         let ctx = format!("slink {} device {dev_nr}", r.slink_nr);
-        if r.slink_nr > MAX_SLINK_NR {
-            return Err(invalid(
-                &ctx,
-                "slink_nr",
-                format!("an SLINK number 0..={MAX_SLINK_NR}"),
-                Some(&r.slink_nr.to_string()),
-            ));
+        if !slink_nr_ok(r.slink_nr.into()) {
+            return Err(invalid(&ctx, "slink_nr", slink_nr_expected(), Some(&r.slink_nr.to_string())));
         }
         if r.path.is_empty() {
             return Err(invalid(&ctx, "dev_path", "a path", Some("")));
@@ -73,11 +68,11 @@ impl ReplicatorSpec {
     /// built in code before rendering them).
     pub fn validate(&self) -> Result<(), ReplicatorTableError> {
         for (i, s) in self.slinks.iter().enumerate() {
-            if s.nr > MAX_SLINK_NR {
+            if !slink_nr_ok(s.nr.into()) {
                 return Err(invalid(
                     format!("slink {}", s.nr),
                     "slink_nr",
-                    format!("an SLINK number 0..={MAX_SLINK_NR}"),
+                    slink_nr_expected(),
                     Some(&s.nr.to_string()),
                 ));
             }

@@ -1,43 +1,38 @@
 //! `disk`: a persistent dirty log in a file or block device.
 //!
-//! Layout (little-endian):
+//! The on-disk layout (a header block, then the bitmap in checksummed blocks) is
+//! documented where it is encoded, in [`dmrep_formats::dirtylog`]. This module opens,
+//! formats and flushes it.
 //!
-//! ```text
-//! header, 4096 bytes at offset 0:
-//!   0   magic         b"DMREPDRT"   what this is
-//!   8   version       u32 = 1       refuse layouts we do not know
-//!   12  flags         u32 = 0
-//!   16  region_bytes  u64           must match the table
-//!   24  regions       u64           must match the device size
-//!   32  bits_per_block u64 = 32704  bits in one bitmap block (4088 bytes)
-//!   40  ..4092        zero
-//!   4092 crc32c       u32           over the header with this field zeroed
-//! bitmap block i, 4096 bytes at offset 4096 * (1 + i):
-//!   0    bits         4088 bytes    regions i*32704 .. (LSB first)
-//!   4088 block index  u32           catches a block written at the wrong place
-//!   4092 crc32c       u32           over bytes 0..4092
-//! ```
+//! On open, a header without the magic means an unformatted log: it is formatted (all
+//! dirty for `sync`). A header with the magic that does not decode (damaged, another
+//! version, contradictory fields) or that was written for another geometry is an error
+//! naming the path and what is wrong, so the table load fails: guessing could forget
+//! regions the RD lacks. A bitmap block that does not decode (a torn write) is read as
+//! all dirty.
 //!
 //! Changes are made in memory and remembered by block; [`DirtyLog::flush`] rewrites the
 //! changed blocks and syncs (flushes are serialised, so a later flush never writes an
-//! older image of a block over a newer one). A block whose crc does not check (a torn
-//! write) is read as all dirty: a crash can only cause extra resync, never a missed
-//! region.
+//! older image of a block over a newer one). A crash can only cause extra resync, never
+//! a missed region.
 
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
 use dmrep_core::{BlockBackend, Claim, FileBackend};
+use dmrep_formats::dirtylog::{
+    self, block_offset, decode_block, encode_block, DecodeError, Header, BITS_PER_BLOCK, BLOCK_SIZE, MAGIC,
+    WORDS_PER_BLOCK,
+};
 use parking_lot::Mutex;
 
 use super::{region_span, Bitmap, DirtyLog};
 
-const MAGIC: &[u8; 8] = b"DMREPDRT";
-const VERSION: u32 = 1;
-const BLOCK: usize = 4096;
-/// Bits per bitmap block: 4088 bytes of bits, 8 bytes of index and crc.
-const BITS_PER_BLOCK: u64 = 4088 * 8;
+/// Bytes written atomically by a device: the header's first sector, holding the magic,
+/// is written last and alone when formatting, so a crash never leaves half a header
+/// with the magic.
+const SECTOR: usize = 512;
 
 pub struct DiskLog {
     dev: Arc<dyn BlockBackend>,
@@ -73,25 +68,25 @@ pub enum DiskLogError {
     TooSmall { path: String, need: u64, have: u64, regions: u64 },
     #[error("dirty log {path}: written for {found_regions} regions of {found_bytes} bytes, the table says {regions} of {region_bytes}")]
     Geometry { path: String, found_regions: u64, found_bytes: u64, regions: u64, region_bytes: u64 },
-    #[error("dirty log {path}: format version {0} is newer than this dmrep understands ({VERSION})", .found)]
-    Version { path: String, found: u32 },
+    /// The header has the magic but does not decode: refused, never reformatted.
+    #[error("dirty log {path}: damaged or unsupported header: {source}")]
+    Header {
+        path: String,
+        #[source]
+        source: DecodeError,
+    },
+    /// The table asks for a geometry the format cannot hold (nothing was read or written).
+    #[error("dirty log {path}: unusable geometry: {source}")]
+    BadGeometry {
+        path: String,
+        #[source]
+        source: DecodeError,
+    },
 }
 
 /// Bytes a disk dirty log needs for `regions` regions.
 pub fn bytes_needed(regions: u64) -> u64 {
-    (1 + regions.div_ceil(BITS_PER_BLOCK)) * BLOCK as u64
-}
-
-fn encode_header(region_bytes: u64, regions: u64) -> Vec<u8> {
-    let mut h = vec![0u8; BLOCK];
-    h[0..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    h[16..24].copy_from_slice(&region_bytes.to_le_bytes());
-    h[24..32].copy_from_slice(&regions.to_le_bytes());
-    h[32..40].copy_from_slice(&BITS_PER_BLOCK.to_le_bytes());
-    let crc = crc32c::crc32c(&h[..4092]);
-    h[4092..].copy_from_slice(&crc.to_le_bytes());
-    h
+    dirtylog::bytes_needed(regions)
 }
 
 impl DiskLog {
@@ -117,55 +112,44 @@ impl DiskLog {
         initial_dirty: bool,
     ) -> Result<(Self, bool), DiskLogError> {
         let ioe = |e| DiskLogError::Io { path: path.to_string(), source: e };
-        let regions = dev_bytes.div_ceil(region_bytes);
+        // (A zero region size fails validation; `max` only keeps the division defined.)
+        let regions = dev_bytes.div_ceil(region_bytes.max(1));
+        let want = Header::new(region_bytes, regions);
+        want.validate().map_err(|source| DiskLogError::BadGeometry { path: path.to_string(), source })?;
         let need = bytes_needed(regions);
         if dev.size() < need {
             return Err(DiskLogError::TooSmall { path: path.to_string(), need, have: dev.size(), regions });
         }
-        let mut h = vec![0u8; BLOCK];
+        let mut h = vec![0u8; BLOCK_SIZE];
         dev.read_at(&mut h, 0).map_err(ioe)?;
-        let valid =
-            &h[0..8] == MAGIC && u32::from_le_bytes(h[4092..].try_into().unwrap()) == crc32c::crc32c(&h[..4092]);
-        let blocks = regions.div_ceil(BITS_PER_BLOCK) as usize;
-        if valid {
-            let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
-            if version > VERSION {
-                return Err(DiskLogError::Version { path: path.to_string(), found: version });
-            }
-            let rb = u64::from_le_bytes(h[16..24].try_into().unwrap());
-            let rn = u64::from_le_bytes(h[24..32].try_into().unwrap());
-            if rb != region_bytes || rn != regions {
+        let found = Header::decode(&h).map_err(|source| DiskLogError::Header { path: path.to_string(), source })?;
+        let blocks = want.blocks();
+        if let Some(found) = found {
+            if found.region_bytes != region_bytes || found.regions != regions {
                 return Err(DiskLogError::Geometry {
                     path: path.to_string(),
-                    found_regions: rn,
-                    found_bytes: rb,
+                    found_regions: found.regions,
+                    found_bytes: found.region_bytes,
                     regions,
                     region_bytes,
                 });
             }
-            let mut words = vec![0u64; (blocks as u64 * BITS_PER_BLOCK / 64) as usize];
-            let mut buf = vec![0u8; BLOCK];
+            let mut words = Vec::with_capacity(blocks as usize * WORDS_PER_BLOCK);
+            let mut buf = vec![0u8; BLOCK_SIZE];
             for i in 0..blocks {
-                dev.read_at(&mut buf, ((1 + i) * BLOCK) as u64).map_err(ioe)?;
-                let ok = u32::from_le_bytes(buf[4092..].try_into().unwrap()) == crc32c::crc32c(&buf[..4092])
-                    && u32::from_le_bytes(buf[4088..4092].try_into().unwrap()) == i as u32;
-                let base = i * (BITS_PER_BLOCK as usize / 64);
-                for w in 0..(4088 / 8) {
-                    words[base + w] = if ok {
-                        u64::from_le_bytes(buf[w * 8..w * 8 + 8].try_into().unwrap())
-                    } else {
-                        tracing::warn!(
-                            path,
-                            block = i,
-                            "dirty log block fails its checksum: its regions count as dirty"
-                        );
-                        u64::MAX
-                    };
+                dev.read_at(&mut buf, block_offset(i)).map_err(ioe)?;
+                match decode_block(&buf, i as u32) {
+                    Ok(block) => words.extend_from_slice(&block),
+                    Err(e) => {
+                        tracing::warn!(path, block = i, error = %e, "dirty log block does not decode: its regions count as dirty");
+                        words.extend(std::iter::repeat_n(u64::MAX, WORDS_PER_BLOCK));
+                    }
                 }
             }
             return Ok((Self::with(dev, Bitmap::from_words(words, regions), region_bytes), false));
         }
-        // Fresh: write the bitmap first, then the header that makes it valid.
+        // Fresh: the bitmap first, then the header without its magic, then the sector
+        // with the magic that makes it valid (see the format's module documentation).
         let mut bits = Bitmap::new(regions);
         if initial_dirty {
             for r in 0..regions {
@@ -173,12 +157,17 @@ impl DiskLog {
             }
         }
         let log = Self::with(dev, bits, region_bytes);
-        for i in 0..blocks {
-            let block = encode_block(&log.bits.lock().map, i);
-            log.dev.write_at(&block, ((1 + i) * BLOCK) as u64).map_err(ioe)?;
+        for i in 0..blocks as usize {
+            let block = block_image(&log.bits.lock().map, i);
+            log.dev.write_at(&block, block_offset(i as u64)).map_err(ioe)?;
         }
         log.dev.sync().map_err(ioe)?;
-        log.dev.write_at(&encode_header(region_bytes, regions), 0).map_err(ioe)?;
+        let header = want.encode();
+        let mut unsealed = header;
+        unsealed[..MAGIC.len()].fill(0);
+        log.dev.write_at(&unsealed, 0).map_err(ioe)?;
+        log.dev.sync().map_err(ioe)?;
+        log.dev.write_at(&header[..SECTOR], 0).map_err(ioe)?;
         log.dev.sync().map_err(ioe)?;
         Ok((log, true))
     }
@@ -200,17 +189,11 @@ impl DiskLog {
 }
 
 /// Bitmap block `i` as it goes on disk.
-fn encode_block(b: &Bitmap, i: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    let per = BITS_PER_BLOCK as usize / 64;
-    for w in 0..per {
-        let v = b.words().get(i * per + w).copied().unwrap_or(0);
-        buf[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
-    }
-    buf[4088..4092].copy_from_slice(&(i as u32).to_le_bytes());
-    let crc = crc32c::crc32c(&buf[..4092]);
-    buf[4092..].copy_from_slice(&crc.to_le_bytes());
-    buf
+fn block_image(b: &Bitmap, i: usize) -> [u8; BLOCK_SIZE] {
+    let words = b.words();
+    let from = (i * WORDS_PER_BLOCK).min(words.len());
+    let to = ((i + 1) * WORDS_PER_BLOCK).min(words.len());
+    encode_block(i as u32, &words[from..to])
 }
 
 impl DirtyLog for DiskLog {
@@ -245,17 +228,17 @@ impl DirtyLog for DiskLog {
     fn flush(&self) -> io::Result<()> {
         let _serial = self.flushing.lock();
         // Images of the changed blocks as they are now; the I/O runs without `bits`.
-        let blocks: Vec<(usize, Vec<u8>)> = {
+        let blocks: Vec<(usize, [u8; BLOCK_SIZE])> = {
             let mut b = self.bits.lock();
             let changed = std::mem::take(&mut b.changed);
-            changed.into_iter().map(|i| (i, encode_block(&b.map, i))).collect()
+            changed.into_iter().map(|i| (i, block_image(&b.map, i))).collect()
         };
         if blocks.is_empty() {
             return Ok(());
         }
         let result = blocks
             .iter()
-            .try_for_each(|(i, buf)| self.dev.write_at(buf, ((1 + i) * BLOCK) as u64))
+            .try_for_each(|(i, buf)| self.dev.write_at(buf, block_offset(*i as u64)))
             .and_then(|()| self.dev.sync());
         if result.is_err() {
             // Not durable: the next flush writes them again.
@@ -280,7 +263,7 @@ impl DirtyLog for DiskLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmrep_core::fault::{CrashMode, MemBackend};
+    use dmrep_core::fault::{CrashMode, Fault, IoOp, MemBackend, Trigger};
 
     #[test]
     fn persists_and_survives_a_torn_block() {
@@ -326,5 +309,70 @@ mod tests {
         let mem = Arc::new(MemBackend::new(16 << 10));
         let (log, _) = DiskLog::open_on(mem, "m", 100 * 4096, 4096, true).unwrap();
         assert_eq!(log.dirty_count(), 100);
+    }
+
+    #[test]
+    fn a_damaged_header_is_refused_not_reformatted() {
+        let mem = Arc::new(MemBackend::new(16 << 10));
+        let (log, _) = DiskLog::open_on(mem.clone(), "/dev/dl0", 100 * 4096, 4096, false).unwrap();
+        log.mark_range(0, 4096);
+        log.flush().unwrap();
+        drop(log);
+        // A flipped bit in the region count: the crc catches it.
+        mem.poke(24, &[0x65]);
+        let before = mem.current_image();
+        let e = DiskLog::open_on(mem.clone(), "/dev/dl0", 100 * 4096, 4096, true).err().unwrap();
+        assert!(matches!(e, DiskLogError::Header { source: DecodeError::HeaderCrc { .. }, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("/dev/dl0") && msg.contains("checksum mismatch"), "{msg}");
+        assert_eq!(mem.current_image(), before, "a refused log is left as it was");
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused() {
+        let mem = Arc::new(MemBackend::new(16 << 10));
+        let mut h = Header::new(4096, 100).encode();
+        h[8] = 2;
+        let crc = crc32c::crc32c(&h[..4092]);
+        h[4092..].copy_from_slice(&crc.to_le_bytes());
+        mem.poke(0, &h);
+        let e = DiskLog::open_on(mem, "dl", 100 * 4096, 4096, true).err().unwrap();
+        assert!(e.to_string().contains("dirty log dl: damaged or unsupported header: format version 2"), "{e}");
+    }
+
+    #[test]
+    fn an_unformatted_log_is_formatted() {
+        // No magic (whatever else the device holds): formatted, not refused.
+        let mem = Arc::new(MemBackend::new(16 << 10));
+        mem.poke(100, &[0xab; 300]);
+        let (log, fresh) = DiskLog::open_on(mem.clone(), "m", 100 * 4096, 4096, true).unwrap();
+        assert!(fresh);
+        assert_eq!(log.dirty_count(), 100);
+        assert_eq!(Header::decode(&mem.durable_image()[..4096]), Ok(Some(Header::new(4096, 100))));
+    }
+
+    #[test]
+    fn a_region_size_the_format_cannot_hold_is_refused() {
+        let mem = Arc::new(MemBackend::new(16 << 10));
+        let e = DiskLog::open_on(mem.clone(), "m", 100 * 4096, 3000, true).err().unwrap();
+        assert!(matches!(e, DiskLogError::BadGeometry { source: DecodeError::RegionBytes(3000), .. }), "{e}");
+        assert_eq!(mem.counters().writes, 0);
+    }
+
+    #[test]
+    fn a_crash_while_formatting_never_leaves_a_damaged_header() {
+        // Power cut with each sync of the format failing, writes torn at random.
+        for failing_sync in 0..3 {
+            for seed in 0..40 {
+                let mem = Arc::new(MemBackend::new(64 << 10));
+                mem.faults().fail(IoOp::Sync, Fault::Eio, Trigger::After { skip: failing_sync, count: 1 });
+                assert!(DiskLog::open_on(mem.clone(), "m", 40_000 * 4096, 4096, true).is_err());
+                mem.faults().clear_all();
+                mem.crash(CrashMode::KeepRandomSubset(seed));
+                let (log, _) = DiskLog::open_on(mem.clone(), "m", 40_000 * 4096, 4096, true)
+                    .unwrap_or_else(|e| panic!("sync {failing_sync} failed, seed {seed}: {e}"));
+                assert_eq!(log.dirty_count(), 40_000, "sync {failing_sync}, seed {seed}");
+            }
+        }
     }
 }

@@ -25,6 +25,7 @@ struct Dev {
 pub struct LocalSlink {
     devs: RwLock<BTreeMap<u32, Arc<Dev>>>,
     /// Test hook: a back-end to use instead of opening a path (fault injection).
+    #[cfg(any(test, feature = "test-support"))]
     overrides: RwLock<BTreeMap<String, Arc<dyn BlockBackend>>>,
 }
 
@@ -34,8 +35,21 @@ impl LocalSlink {
     }
 
     /// Use `backend` whenever `path` is attached (tests: slow or failing devices).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn override_path(&self, path: &str, backend: Arc<dyn BlockBackend>) {
         self.overrides.write().insert(path.to_string(), backend);
+    }
+
+    /// The back-end [`LocalSlink::override_path`] set for `path`, if any.
+    #[cfg(any(test, feature = "test-support"))]
+    fn overridden(&self, path: &str) -> Option<Arc<dyn BlockBackend>> {
+        self.overrides.read().get(path).cloned()
+    }
+
+    /// Without the test hooks nothing is overridden.
+    #[cfg(not(any(test, feature = "test-support")))]
+    fn overridden(&self, _path: &str) -> Option<Arc<dyn BlockBackend>> {
+        None
     }
 
     fn dev(&self, dev_nr: u32) -> io::Result<Arc<Dev>> {
@@ -53,8 +67,8 @@ impl SlinkHandler for LocalSlink {
     }
 
     fn attach(&self, dev_nr: u32, device: &str, need_bytes: u64) -> Result<(), TargetError> {
-        let backend: Arc<dyn BlockBackend> = match self.overrides.read().get(device) {
-            Some(b) => b.clone(),
+        let backend: Arc<dyn BlockBackend> = match self.overridden(device) {
+            Some(b) => b,
             None => Arc::new(
                 FileBackend::open(Path::new(device))
                     .map_err(|e| TargetError::Device { path: device.to_string(), source: e })?,
