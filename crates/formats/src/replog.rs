@@ -62,6 +62,10 @@ pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"DMRE");
 /// a 2048-bit bitmap is 256 bytes, half an entry header.
 pub const MAX_SLINKS: usize = 2048;
 
+/// An SLINK number, `0..MAX_SLINKS` (0: the local devices). One type wherever an SLINK
+/// is named: tables, the log, the group.
+pub type SlinkNr = u16;
+
 /// At most this many SLINKs can be registered (have a cursor) at once: 256 cursors of
 /// 10 bytes fill 2560 bytes, which fits in a 4 KiB superblock with room to spare.
 pub const MAX_CURSORS: usize = 256;

@@ -60,7 +60,7 @@ fn site(name: &str, dev: Arc<MemBackend>) -> Site {
 }
 
 fn start(log: RingLog, recovery: bool, s0: &Site, s1: &Site) -> Arc<Group> {
-    let async_ = Policy { synchronous: false, stall: false };
+    let async_ = Policy::ASYNCHRONOUS;
     let setups = [s0, s1]
         .iter()
         .enumerate()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmrep_core::fault::MemBackend;
 use dmrep_core::{BlockBackend, Completion, IoSink, Op, Request};
-use dmrep_targets::replicator::fallbehind::{Mode, Policy, Thresholds};
+use dmrep_targets::replicator::fallbehind::{InForce, Policy, Thresholds};
 use dmrep_targets::replicator::group::{Group, SlinkSetup};
 use dmrep_targets::replicator::log::RingLog;
 use dmrep_targets::replicator::slink::local::LocalSlink;
@@ -61,7 +61,7 @@ fn group_with(
     let s1 = Arc::new(LocalSlink::new());
     s1.override_path("rd", rd.clone());
     s1.attach(0, "rd", DEV).unwrap();
-    let async_ = Policy { synchronous: false, stall: false };
+    let async_ = Policy::ASYNCHRONOUS;
     let group = Group::start(
         "test",
         log,
@@ -84,7 +84,7 @@ fn group_with(
 #[test]
 fn forced_sync_at_threshold_and_back() {
     let (group, ld, rd) = group_with(
-        Policy { synchronous: false, stall: false },
+        Policy::ASYNCHRONOUS,
         Thresholds { ios: Some(BOUND), ..Default::default() },
         Some(Duration::from_millis(3)),
     );
@@ -98,7 +98,7 @@ fn forced_sync_at_threshold_and_back() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 max_seen.fetch_max(g.outstanding(1).unwrap(), Ordering::SeqCst);
-                if g.status().slinks[1].mode == Mode::ForcedSynchronous {
+                if g.status().slinks[1].mode == InForce::ForcedSynchronous {
                     forced_seen.store(true, Ordering::SeqCst);
                 }
                 std::thread::sleep(Duration::from_micros(200));
@@ -132,7 +132,7 @@ fn forced_sync_at_threshold_and_back() {
     assert!(max <= BOUND, "slink 1 lagged {max} entries, bound is {BOUND}");
     assert!(forced_seen.load(Ordering::SeqCst), "slink 1 was never forced synchronous");
     let st = group.status();
-    assert_eq!(st.slinks[1].mode, Mode::Asynchronous, "back under the threshold, asynchronous again");
+    assert_eq!(st.slinks[1].mode, InForce::Asynchronous, "back under the threshold, asynchronous again");
     assert!(st.slinks[1].mode_switches >= 2, "switched to forced sync and back: {}", st.slinks[1].mode_switches);
     // Both sites hold the same data.
     assert!(wait_until(Duration::from_secs(10), || group.outstanding(0) == Some(0)));
@@ -142,7 +142,7 @@ fn forced_sync_at_threshold_and_back() {
 
 #[test]
 fn synchronous_slink_has_the_write_at_acknowledgement() {
-    let (group, _ld, rd) = group_with(Policy { synchronous: true, stall: false }, Thresholds::default(), None);
+    let (group, _ld, rd) = group_with(Policy::SYNCHRONOUS, Thresholds::default(), None);
     for i in 0..50u64 {
         let w = Arc::new(dmrep_core::device::WaitSink::default());
         group.submit_write(

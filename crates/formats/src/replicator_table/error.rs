@@ -1,5 +1,7 @@
 //! Why replicator parameters were rejected.
 
+use crate::replog::SlinkNr;
+
 // ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
@@ -32,38 +34,38 @@ pub enum ReplicatorTableError {
         "slink {slink} device {dev_nr}: a remote device needs a dirty log (core or disk), \
          found \"-\""
     )]
-    MissingDirtyLog { slink: u32, dev_nr: u32 },
+    MissingDirtyLog { slink: SlinkNr, dev_nr: u32 },
     #[error("device {dev_nr}: no local device on slink 0 (every dev_nr needs its LD on slink 0)")]
     NoLocalDevice { dev_nr: u32 },
     #[error("slink {slink} device {dev_nr}: defined twice")]
-    DuplicateReplica { slink: u32, dev_nr: u32 },
+    DuplicateReplica { slink: SlinkNr, dev_nr: u32 },
     #[error("device {dev_nr}: defined twice")]
     DuplicateDevice { dev_nr: u32 },
     #[error("slink {slink}: defined twice")]
-    DuplicateSlink { slink: u32 },
+    DuplicateSlink { slink: SlinkNr },
     #[error("slink {slink} device {dev_nr}: slink {slink} is not defined")]
-    UndefinedSlink { slink: u32, dev_nr: u32 },
+    UndefinedSlink { slink: SlinkNr, dev_nr: u32 },
     #[error(
         "slink {slink}: carries no device (in the one-line form every SLINK is given \
          with the devices it carries)"
     )]
-    SlinkWithoutDevice { slink: u32 },
+    SlinkWithoutDevice { slink: SlinkNr },
     #[error(
         "device {dev_nr}: slink {slink}: region size {found} sectors differs from \
          {expected} sectors on slink {first_slink} (all remote devices of one device \
          need the same region size)"
     )]
-    RegionSizeMismatch { dev_nr: u32, slink: u32, found: u64, first_slink: u32, expected: u64 },
+    RegionSizeMismatch { dev_nr: u32, slink: SlinkNr, found: u64, first_slink: SlinkNr, expected: u64 },
     #[error(
         "slink {slink}: its entries disagree on {what}: {first:?}, then {found:?} (every \
          entry of one SLINK must repeat the same type, policy and fall-behind)"
     )]
-    SlinkConflict { slink: u32, what: &'static str, first: String, found: String },
+    SlinkConflict { slink: SlinkNr, what: &'static str, first: String, found: String },
     #[error(
         "slink {slink}: a synchronous SLINK takes no fall-behind threshold, found {found:?} \
          (make it asynchronous)"
     )]
-    SyncWithFallBehind { slink: u32, found: String },
+    SyncWithFallBehind { slink: SlinkNr, found: String },
 }
 
 pub(super) fn note_suffix(note: &Option<String>) -> String {

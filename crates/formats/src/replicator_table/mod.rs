@@ -86,7 +86,7 @@ use std::fmt;
 /// SLINK numbers are `0..MAX_SLINKS`: the replication log's limit (its per-entry SLINK
 /// bitmap has that many bits), checked here so a table the log cannot hold is refused
 /// when it is parsed, not after the log was created.
-pub use crate::replog::MAX_SLINKS;
+pub use crate::replog::{SlinkNr, MAX_SLINKS};
 
 /// What an SLINK number field accepts, for error messages.
 fn slink_nr_expected() -> String {
@@ -176,7 +176,7 @@ impl OpenMode {
 /// One site link.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SlinkSpec {
-    pub nr: u32,
+    pub nr: SlinkNr,
     pub kind: SlinkKind,
     pub policy: Policy,
     pub fallbehind: FallBehind,
@@ -214,6 +214,7 @@ impl SlinkKind {
 
 /// Replication mode of an SLINK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     Synchronous,
     Asynchronous,
@@ -225,6 +226,16 @@ pub enum Mode {
 pub struct Policy {
     pub mode: Mode,
     pub stall: bool,
+}
+
+impl Policy {
+    pub const SYNCHRONOUS: Policy = Policy { mode: Mode::Synchronous, stall: false };
+    pub const ASYNCHRONOUS: Policy = Policy { mode: Mode::Asynchronous, stall: false };
+
+    /// Whether writes wait for the SLINK by policy.
+    pub fn is_synchronous(&self) -> bool {
+        self.mode == Mode::Synchronous
+    }
 }
 
 impl Default for Policy {
@@ -319,7 +330,7 @@ pub struct DeviceSpec {
 /// One copy of a device on one SLINK (the LD when `slink_nr` is 0).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaSpec {
-    pub slink_nr: u32,
+    pub slink_nr: SlinkNr,
     pub path: String,
     pub dirty_log: DirtyLogSpec,
 }
@@ -429,7 +440,7 @@ mod tests {
         ReplicaSpec { slink_nr: 0, path: path.into(), dirty_log: DirtyLogSpec::None }
     }
 
-    fn rd(slink_nr: u32, path: &str, region_sectors: u64, sync: bool) -> ReplicaSpec {
+    fn rd(slink_nr: SlinkNr, path: &str, region_sectors: u64, sync: bool) -> ReplicaSpec {
         ReplicaSpec { slink_nr, path: path.into(), dirty_log: DirtyLogSpec::Core { region_sectors, sync } }
     }
 
@@ -970,7 +981,7 @@ mod tests {
         assert!(dev("grp 0 0 1 /a - 0 2048 1 /b core 1 8").unwrap_err().to_string().contains("below 2048"));
         let mut s = spec.clone();
         s.slinks[1].nr = MAX_SLINKS as u32;
-        s.devices[0].replicas[1].slink_nr = MAX_SLINKS as u32;
+        s.devices[0].replicas[1].slink_nr = MAX_SLINKS as SlinkNr;
         assert!(s.validate().unwrap_err().to_string().contains("below 2048"));
     }
 

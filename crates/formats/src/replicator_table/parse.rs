@@ -69,9 +69,9 @@ pub(super) fn number(context: &str, field: &str, what: &str, t: Option<&str>) ->
     t.and_then(parse_u64).ok_or_else(|| invalid(context, field, what, t))
 }
 
-pub(super) fn slink_nr(context: &str, t: Option<&str>) -> Result<u32, ReplicatorTableError> {
+pub(super) fn slink_nr(context: &str, t: Option<&str>) -> Result<SlinkNr, ReplicatorTableError> {
     match t.and_then(parse_u64) {
-        Some(n) if slink_nr_ok(n) => Ok(n as u32),
+        Some(n) if slink_nr_ok(n) => Ok(n as SlinkNr),
         _ => Err(invalid(context, "slink_nr", slink_nr_expected(), t)),
     }
 }
@@ -354,7 +354,7 @@ pub fn parse_replicator<S: AsRef<str>>(args: &[S]) -> Result<ReplicatorSpec, Rep
         ));
     }
 
-    let mut slinks: BTreeMap<u32, SlinkSpec> = BTreeMap::new();
+    let mut slinks: BTreeMap<SlinkNr, SlinkSpec> = BTreeMap::new();
     let mut devices: BTreeMap<u32, Vec<ReplicaSpec>> = BTreeMap::new();
     // Decided by the first entry: does each entry carry a device?
     let mut one_line: Option<bool> = None;
@@ -443,7 +443,7 @@ pub fn parse_replicator<S: AsRef<str>>(args: &[S]) -> Result<ReplicatorSpec, Rep
 }
 
 /// Adds an SLINK entry; a repeated one must agree with the first.
-pub(super) fn merge_slink(slinks: &mut BTreeMap<u32, SlinkSpec>, s: SlinkSpec) -> Result<(), ReplicatorTableError> {
+pub(super) fn merge_slink(slinks: &mut BTreeMap<SlinkNr, SlinkSpec>, s: SlinkSpec) -> Result<(), ReplicatorTableError> {
     let Some(first) = slinks.get(&s.nr) else {
         slinks.insert(s.nr, s);
         return Ok(());

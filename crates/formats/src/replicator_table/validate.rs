@@ -16,7 +16,7 @@ pub(super) fn validate_replicas(dev_nr: u32, replicas: &[ReplicaSpec]) -> Result
     if !replicas.iter().any(|r| r.slink_nr == 0) {
         return Err(ReplicatorTableError::NoLocalDevice { dev_nr });
     }
-    let mut first_region: Option<(u32, u64)> = None;
+    let mut first_region: Option<(SlinkNr, u64)> = None;
     for r in replicas {
         let ctx = format!("slink {} device {dev_nr}", r.slink_nr);
         if !slink_nr_ok(r.slink_nr.into()) {
@@ -136,7 +136,7 @@ impl ReplicatorSpec {
         self.devices.is_empty()
     }
 
-    pub fn slink(&self, nr: u32) -> Option<&SlinkSpec> {
+    pub fn slink(&self, nr: SlinkNr) -> Option<&SlinkSpec> {
         self.slinks.iter().find(|s| s.nr == nr)
     }
 

@@ -11,13 +11,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Policy set in the table or by message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Policy {
-    pub synchronous: bool,
-    /// When the log is full: block writes instead of leaving ordered mode.
-    pub stall: bool,
-}
+/// Policy set in the table or by message: the table grammar's own type.
+pub use dmrep_formats::replicator_table::Policy;
 
 /// Fall-behind thresholds (None: no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -50,10 +45,10 @@ pub struct Lag {
     pub oldest_age: Option<Duration>,
 }
 
-/// The mode an SLINK is in now.
+/// The mode in force for an SLINK now (its policy's mode, or forced synchronous).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Mode {
+pub enum InForce {
     /// Synchronous by policy.
     Synchronous,
     Asynchronous,
@@ -61,18 +56,18 @@ pub enum Mode {
     ForcedSynchronous,
 }
 
-impl Mode {
+impl InForce {
     /// Whether writes must wait for this SLINK.
     pub fn waits(self) -> bool {
-        !matches!(self, Mode::Asynchronous)
+        !matches!(self, InForce::Asynchronous)
     }
 
     /// One letter for the dmsetup-style status: S sync, A async, F forced sync.
     pub fn letter(self) -> char {
         match self {
-            Mode::Synchronous => 'S',
-            Mode::Asynchronous => 'A',
-            Mode::ForcedSynchronous => 'F',
+            InForce::Synchronous => 'S',
+            InForce::Asynchronous => 'A',
+            InForce::ForcedSynchronous => 'F',
         }
     }
 }
@@ -85,13 +80,13 @@ pub fn over(t: &Thresholds, lag: &Lag) -> bool {
 }
 
 /// The mode for `policy` at `lag`, without hysteresis.
-pub fn mode(policy: &Policy, t: &Thresholds, lag: &Lag) -> Mode {
-    if policy.synchronous {
-        Mode::Synchronous
+pub fn mode(policy: &Policy, t: &Thresholds, lag: &Lag) -> InForce {
+    if policy.is_synchronous() {
+        InForce::Synchronous
     } else if over(t, lag) {
-        Mode::ForcedSynchronous
+        InForce::ForcedSynchronous
     } else {
-        Mode::Asynchronous
+        InForce::Asynchronous
     }
 }
 
@@ -103,16 +98,16 @@ pub const RELEASE_DEN: u64 = 4;
 
 /// The mode for `policy` at `lag`, from mode `current`: forced synchronous starts at a
 /// threshold and ends only under [`RELEASE_NUM`]/[`RELEASE_DEN`] of every threshold.
-pub fn next_mode(policy: &Policy, t: &Thresholds, lag: &Lag, current: Mode) -> Mode {
+pub fn next_mode(policy: &Policy, t: &Thresholds, lag: &Lag, current: InForce) -> InForce {
     let m = mode(policy, t, lag);
-    if m == Mode::Asynchronous && current == Mode::ForcedSynchronous {
+    if m == InForce::Asynchronous && current == InForce::ForcedSynchronous {
         let release = Thresholds {
             ios: t.ios.map(|l| (l * RELEASE_NUM / RELEASE_DEN).max(1)),
             bytes: t.bytes.map(|l| (l * RELEASE_NUM / RELEASE_DEN).max(1)),
             timeout: t.timeout.map(|l| l * RELEASE_NUM as u32 / RELEASE_DEN as u32),
         };
         if over(&release, lag) {
-            return Mode::ForcedSynchronous;
+            return InForce::ForcedSynchronous;
         }
     }
     m
@@ -122,7 +117,7 @@ pub fn next_mode(policy: &Policy, t: &Thresholds, lag: &Lag, current: Mode) -> M
 /// asynchronous SLINK past its `ios`/`bytes` bounds. At least one entry is admitted
 /// when nothing is outstanding, so an entry larger than `bytes` cannot wedge the group.
 pub fn admit(policy: &Policy, t: &Thresholds, lag: &Lag, sizes: impl Iterator<Item = u64>) -> usize {
-    if policy.synchronous {
+    if policy.is_synchronous() {
         return usize::MAX;
     }
     let mut bytes = lag.bytes;
@@ -144,29 +139,29 @@ pub fn admit(policy: &Policy, t: &Thresholds, lag: &Lag, sizes: impl Iterator<It
 mod tests {
     use super::*;
 
-    const ASYNC: Policy = Policy { synchronous: false, stall: false };
+    const ASYNC: Policy = Policy::ASYNCHRONOUS;
 
     #[test]
     fn modes() {
         let t = Thresholds { ios: Some(100), ..Default::default() };
-        assert_eq!(mode(&ASYNC, &t, &Lag { ios: 99, ..Default::default() }), Mode::Asynchronous);
-        assert_eq!(mode(&ASYNC, &t, &Lag { ios: 100, ..Default::default() }), Mode::ForcedSynchronous);
-        let sync = Policy { synchronous: true, stall: false };
-        assert_eq!(mode(&sync, &t, &Lag::default()), Mode::Synchronous);
+        assert_eq!(mode(&ASYNC, &t, &Lag { ios: 99, ..Default::default() }), InForce::Asynchronous);
+        assert_eq!(mode(&ASYNC, &t, &Lag { ios: 100, ..Default::default() }), InForce::ForcedSynchronous);
+        let sync = Policy::SYNCHRONOUS;
+        assert_eq!(mode(&sync, &t, &Lag::default()), InForce::Synchronous);
         let t = Thresholds { timeout: Some(Duration::from_millis(10)), ..Default::default() };
         let lag = Lag { ios: 1, bytes: 1, oldest_age: Some(Duration::from_millis(11)) };
-        assert_eq!(mode(&ASYNC, &t, &lag), Mode::ForcedSynchronous);
+        assert_eq!(mode(&ASYNC, &t, &lag), InForce::ForcedSynchronous);
     }
 
     #[test]
     fn forced_mode_has_hysteresis() {
         let t = Thresholds { ios: Some(100), ..Default::default() };
         let lag = |ios| Lag { ios, ..Default::default() };
-        assert_eq!(next_mode(&ASYNC, &t, &lag(100), Mode::Asynchronous), Mode::ForcedSynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(99), Mode::ForcedSynchronous), Mode::ForcedSynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(75), Mode::ForcedSynchronous), Mode::ForcedSynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(74), Mode::ForcedSynchronous), Mode::Asynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(99), Mode::Asynchronous), Mode::Asynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(100), InForce::Asynchronous), InForce::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(99), InForce::ForcedSynchronous), InForce::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(75), InForce::ForcedSynchronous), InForce::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(74), InForce::ForcedSynchronous), InForce::Asynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(99), InForce::Asynchronous), InForce::Asynchronous);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use rustix::io::Errno;
 use crate::replicator::log::LogError;
 
 /// An SLINK number (0: the local devices).
-pub type SlinkNr = u16;
+pub use dmrep_formats::replog::SlinkNr;
 /// A device number of the group (pairs an LD with its RDs).
 pub type DevNr = u32;
 /// A log entry's sequence number.

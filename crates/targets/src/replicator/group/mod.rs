@@ -26,7 +26,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::dirty::DirtyLog;
-use super::fallbehind::{Mode, Policy, Thresholds};
+use super::fallbehind::{InForce, Policy, Thresholds};
 use super::log::{EntryKind, EntryMeta, LogStats, RecoveryReport, RingLog};
 use super::slink::SlinkHandler;
 
@@ -468,7 +468,7 @@ pub struct SlinkStatus {
     pub devices: String,
     pub policy: Policy,
     pub thresholds: Thresholds,
-    pub mode: Mode,
+    pub mode: InForce,
     pub mode_since: u64,
     pub mode_switches: u64,
     pub outstanding_ios: u64,

@@ -16,15 +16,15 @@ use super::machine::{Control, Effects, Event, Io, Machine};
 use super::{DevNr, SlinkNr, SlinkSetup};
 use crate::replicator::dirty::core::CoreLog;
 use crate::replicator::dirty::DirtyLog;
-use crate::replicator::fallbehind::{Mode, Policy, Thresholds};
+use crate::replicator::fallbehind::{InForce, Policy, Thresholds};
 use crate::replicator::log::RingLog;
 use crate::replicator::slink::local::LocalSlink;
 use crate::replicator::slink::{ApplyEntry, SlinkHandler};
 
 const DEV: u64 = 1 << 20;
 const REGION: u64 = 64 << 10;
-const ASYNC: Policy = Policy { synchronous: false, stall: false };
-const SYNC: Policy = Policy { synchronous: true, stall: false };
+const ASYNC: Policy = Policy::ASYNCHRONOUS;
+const SYNC: Policy = Policy::SYNCHRONOUS;
 
 /// Replies by tag.
 #[derive(Default)]
@@ -498,10 +498,10 @@ fn r12_status_shows_the_mode_in_force() {
         h.copy_all(0);
         assert!(h.replies.ok(tag), "write {i} waits for a paused asynchronous slink");
     }
-    assert_eq!(h.m.slinks[&1].mode, Mode::Asynchronous);
+    assert_eq!(h.m.slinks[&1].mode, InForce::Asynchronous);
     h.control(Control::Pause { slink: 1, paused: false });
     h.append_all();
-    assert_eq!(h.m.slinks[&1].mode, Mode::ForcedSynchronous, "resumed and over its threshold");
+    assert_eq!(h.m.slinks[&1].mode, InForce::ForcedSynchronous, "resumed and over its threshold");
 }
 
 /// Issue 8: a write waiting for a synchronous SLINK that is paused is released when the

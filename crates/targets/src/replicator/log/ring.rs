@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use dmrep_core::BlockBackend;
+use dmrep_formats::replog::SuperblockError;
 use dmrep_formats::replog::{
     pad_to_record, EntryHeader, RecordKind, SlinkSet, Superblock, ENTRY_HEADER_SIZE, FLAG_EPOCH_END, MAX_CURSORS,
     MAX_SLINKS, MIN_REGION_SIZE, RECORD_ALIGN, REGION_ALIGN, RING_OFFSET, SB_SLOT_SIZE,
@@ -245,9 +246,13 @@ impl RingLog {
                 let (log, report) = Self::recover(backend, start, slot, sb)?;
                 Ok((log, Some(report)))
             }
-            Err(LogError::NoSuperblock { slot_a, slot_b, .. }) => {
-                tracing::info!(device = %backend.describe(), start, %slot_a, %slot_b,
-                    "no replication log found, creating one");
+            // Nothing there at all: a new log. A damaged one (a superblock with our magic
+            // that does not check) is never overwritten by `auto`: that would throw away
+            // acknowledged writes; `create` says so explicitly.
+            Err(LogError::NoSuperblock {
+                slot_a: SuperblockError::NoMagic, slot_b: SuperblockError::NoMagic, ..
+            }) => {
+                tracing::info!(device = %backend.describe(), start, "no replication log found, creating one");
                 Ok((Self::create(backend, start, size)?, None))
             }
             Err(e) => Err(e),

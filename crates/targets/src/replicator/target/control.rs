@@ -61,7 +61,7 @@ fn reload(
     }
     let live = group.slink_numbers();
     for nr in &live {
-        if spec.slink(*nr as u32).is_none() {
+        if spec.slink(*nr).is_none() {
             return Err(TargetError::params(T, format!("removing slink {nr} from a live group is not supported")));
         }
     }
@@ -78,7 +78,7 @@ fn reload(
     // A new SLINK joins with a device and a dirty log for every device of the group, or
     // not at all (an SLINK without them could never be in sync).
     let live_devs = group.device_numbers();
-    for s in spec.slinks.iter().filter(|s| !live.contains(&(s.nr as u16))) {
+    for s in spec.slinks.iter().filter(|s| !live.contains(&s.nr)) {
         for d in &live_devs {
             if !spec.device(*d).is_some_and(|dev| dev.replicas.iter().any(|r| r.slink_nr == s.nr)) {
                 return Err(TargetError::params(
@@ -99,9 +99,9 @@ fn reload(
     let claiming = Claiming { registry: ctx.devices.claims(), owner: &handle.owner, group: ctx.device_name };
     let mut claims = Vec::new();
     for s in &spec.slinks {
-        let (policy, thresholds) = (policy_of(&s.policy), thresholds_of(&s.fallbehind));
-        if live.contains(&(s.nr as u16)) {
-            policies.push((s.nr as u16, policy, thresholds));
+        let (policy, thresholds) = (s.policy, thresholds_of(&s.fallbehind));
+        if live.contains(&s.nr) {
+            policies.push((s.nr, policy, thresholds));
             continue;
         }
         let h = Arc::new(LocalSlink::new());
@@ -114,7 +114,7 @@ fn reload(
             h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
             reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, &claiming)?));
         }
-        new_slinks.push((SlinkSetup { nr: s.nr as u16, handler: h, policy, thresholds }, reps));
+        new_slinks.push((SlinkSetup { nr: s.nr, handler: h, policy, thresholds }, reps));
     }
     handle.users.fetch_add(1, Ordering::SeqCst);
     Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks, claims })))
@@ -163,9 +163,9 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             }
         }
         setups.push(SlinkSetup {
-            nr: s.nr as u16,
+            nr: s.nr,
             handler: h as Arc<dyn SlinkHandler>,
-            policy: policy_of(&s.policy),
+            policy: s.policy,
             thresholds: thresholds_of(&s.fallbehind),
         });
     }
@@ -342,7 +342,7 @@ impl Target for ReplicatorTarget {
             ["slink", nr, "policy", p] | ["slink", "message", nr, "policy", p] => {
                 let nr = parse_slink(nr).map_err(err)?;
                 let pol: dmrep_formats::replicator_table::Policy = p.parse().map_err(|e| err(format!("{e}")))?;
-                self.group.set_policy(nr, policy_of(&pol)).map_err(refused)?;
+                self.group.set_policy(nr, pol).map_err(refused)?;
                 Ok(format!("slink {nr} policy {pol}"))
             }
             ["slink", nr, "fallbehind", "none"] | ["slink", "message", nr, "fallbehind", "none"] => {

@@ -23,7 +23,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         .ok_or_else(|| TargetError::params(TD, format!("control device {:?} is shut down", spec.control)))?;
     let len = sectors_to_bytes(seg.len);
     for nr in group.slink_numbers() {
-        if !spec.replicas.iter().any(|r| r.slink_nr == nr as u32) {
+        if !spec.replicas.iter().any(|r| r.slink_nr == nr) {
             return Err(TargetError::params(
                 TD,
                 format!("device {}: no device on slink {nr} of group {}", spec.dev_nr, spec.control),
@@ -33,7 +33,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
     let mut attached = Vec::new();
     let claiming = Claiming { registry: ctx.devices.claims(), owner: &ctx.owner, group: &spec.control };
     for r in &spec.replicas {
-        let h = group.handler(r.slink_nr as u16).ok_or_else(|| {
+        let h = group.handler(r.slink_nr).ok_or_else(|| {
             TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
         })?;
         let declared =
@@ -62,7 +62,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                 }
                 return Err(e);
             }
-            attached.push(r.slink_nr as u16);
+            attached.push(r.slink_nr);
             if let Err(e) = attach_dirty(&group, spec.dev_nr, r, len, handle.fresh_log || !ctx.restoring, &claiming) {
                 for nr in &attached {
                     if let Some(h) = group.handler(*nr) {
@@ -104,13 +104,13 @@ impl Target for ReplicatorDev {
         let mut line = String::new();
         let mut slinks = Vec::new();
         for r in &self.replicas {
-            let s = st.slinks.iter().find(|s| s.slink as u32 == r.slink_nr);
+            let s = st.slinks.iter().find(|s| s.slink == r.slink_nr);
             let acc = s.map(|s| s.accessible).unwrap_or(false);
-            let (insync, total) = match self.group.device_regions(r.slink_nr as u16, self.dev_nr) {
+            let (insync, total) = match self.group.device_regions(r.slink_nr, self.dev_nr) {
                 Some((dirty, total)) => (total - dirty, total),
                 None => (0, 0),
             };
-            let ordered = self.group.is_ordered(r.slink_nr as u16);
+            let ordered = self.group.is_ordered(r.slink_nr);
             let resyncing = s.is_some_and(|s| s.sync.state == "resyncing");
             if !line.is_empty() {
                 line.push(' ');

@@ -33,8 +33,7 @@ use dmrep_core::{
     TargetStatus,
 };
 use dmrep_formats::replicator_table::{
-    parse_replicator, parse_replicator_dev, DirtyLogSpec, Mode as SpecMode, OpenMode, ReplicaSpec, ReplicatorSpec,
-    SlinkKind,
+    parse_replicator, parse_replicator_dev, DirtyLogSpec, OpenMode, ReplicaSpec, ReplicatorSpec, SlinkKind,
 };
 use dmrep_formats::table::SegmentSpec;
 use parking_lot::Mutex;
@@ -43,7 +42,7 @@ use super::dirty::core::CoreLog;
 use super::dirty::disk::DiskLog;
 use super::dirty::DirtyLog;
 use super::fallbehind::{Policy, Thresholds};
-use super::group::{Group, SlinkSetup, MAX_ENTRY_DATA};
+use super::group::{DevNr, Group, SlinkNr, SlinkSetup, MAX_ENTRY_DATA};
 use super::log::RingLog;
 use super::slink::local::LocalSlink;
 use super::slink::SlinkHandler;
@@ -71,7 +70,7 @@ impl Claiming<'_> {
     }
 
     /// Device `dev_nr` of SLINK `slink` (the LD on SLINK 0, else an RD): `0..bytes`.
-    fn device(&self, slink: u32, dev_nr: u32, path: &str, bytes: u64) -> Result<Claim, TargetError> {
+    fn device(&self, slink: SlinkNr, dev_nr: DevNr, path: &str, bytes: u64) -> Result<Claim, TargetError> {
         let kind = if slink == 0 { "LD" } else { "RD" };
         self.claim(path, 0..bytes, format!("{kind} of group {}, slink {slink} device {dev_nr}", self.group))
     }
@@ -92,7 +91,7 @@ impl Claiming<'_> {
 pub struct GroupHandle {
     group: Mutex<Option<Arc<Group>>>,
     /// Paths attached by the paper form, per (slink, dev_nr).
-    declared: Mutex<Vec<(u32, u32, String)>>,
+    declared: Mutex<Vec<(SlinkNr, DevNr, String)>>,
     /// Tables (live and loaded) using the group: it stops when the last one goes.
     users: AtomicUsize,
     /// The log's file and start byte (a reload must keep them).
@@ -109,10 +108,6 @@ impl GroupHandle {
     fn group(&self) -> Option<Arc<Group>> {
         self.group.lock().clone()
     }
-}
-
-pub fn policy_of(p: &dmrep_formats::replicator_table::Policy) -> Policy {
-    Policy { synchronous: p.mode == SpecMode::Synchronous, stall: p.stall }
 }
 
 pub fn thresholds_of(f: &dmrep_formats::replicator_table::FallBehind) -> Thresholds {
@@ -141,7 +136,7 @@ fn open_dirty(
         }
         DirtyLogSpec::Disk { path, region_sectors, sync } => {
             let (mut l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
-                .map_err(|e| TargetError::params(T, e.to_string()))?;
+                .map_err(|e| TargetError::failed(T, e))?;
             if let Some(c) = claim {
                 l.keep_claim(c);
             }
@@ -160,9 +155,9 @@ fn attach_opened(
 ) -> Result<(), TargetError> {
     match opened {
         None => Ok(()),
-        Some((log, initial)) => group
-            .attach_dirty_log(r.slink_nr as u16, dev_nr, log, dev_bytes, initial)
-            .map_err(|e| TargetError::failed(T, e)),
+        Some((log, initial)) => {
+            group.attach_dirty_log(r.slink_nr, dev_nr, log, dev_bytes, initial).map_err(|e| TargetError::failed(T, e))
+        }
     }
 }
 

@@ -11,7 +11,7 @@ impl Machine {
             Control::SetPolicy { slink, policy, thresholds } => {
                 let rt = self.slinks.get_mut(&slink).ok_or(GroupError::NoSlink(slink))?;
                 let t = thresholds.unwrap_or(rt.thresholds);
-                if policy.synchronous && !t.is_empty() {
+                if policy.is_synchronous() && !t.is_empty() {
                     return Err(GroupError::SyncWithThresholds(slink));
                 }
                 rt.policy = policy;
@@ -21,7 +21,7 @@ impl Machine {
             }
             Control::SetThresholds { slink, update, clear } => {
                 let rt = self.slinks.get_mut(&slink).ok_or(GroupError::NoSlink(slink))?;
-                if rt.policy.synchronous && !update.is_empty() {
+                if rt.policy.is_synchronous() && !update.is_empty() {
                     return Err(GroupError::ThresholdsOnSync(slink));
                 }
                 let t = &mut rt.thresholds;

@@ -39,7 +39,7 @@ use super::error::{errno, DevNr, GroupError, Seq, SlinkNr};
 use super::{Chunk, SlinkSetup, Stats, CACHE_BUDGET, MAX_APPLY_ENTRIES, MAX_BATCH_BYTES, MAX_BATCH_ENTRIES};
 use super::{MAX_ENTRY_DATA, PROBE_MAX, PROBE_MIN};
 use crate::replicator::dirty::{region_span, DirtyLog};
-use crate::replicator::fallbehind::{self, Lag, Mode, Policy, Thresholds};
+use crate::replicator::fallbehind::{self, InForce, Lag, Policy, Thresholds};
 use crate::replicator::log::{EntryKind, EntryMeta, LogError, NewEntry, RingLog, SlinkSet};
 use crate::replicator::overlay::Overlay;
 use crate::replicator::slink::SlinkHandler;

@@ -44,7 +44,7 @@ pub(crate) struct SlinkRt {
     pub(super) outstanding: VecDeque<(Seq, u64, Instant)>,
     pub(super) out_bytes: u64,
     /// The mode in force (what status shows).
-    pub mode: Mode,
+    pub mode: InForce,
     pub mode_since: SystemTime,
     pub mode_switches: u64,
     /// Mode changes not logged (rate limit), and when one was last logged.
@@ -116,7 +116,7 @@ impl SlinkRt {
     /// throttle: its entries wait in the log, and it leaves ordered mode if it holds the
     /// log when the log fills).
     pub(super) fn throttles(&self) -> bool {
-        self.ordered && !self.leaving && (self.policy.synchronous || (self.link.accessible && !self.paused))
+        self.ordered && !self.leaving && (self.policy.is_synchronous() || (self.link.accessible && !self.paused))
     }
 
     pub fn lag(&self, now: Instant) -> Lag {
@@ -149,10 +149,10 @@ impl SlinkRt {
     /// Recompute the mode in force: a down or paused asynchronous SLINK does not
     /// throttle, so it is shown (and treated) as asynchronous whatever its lag.
     pub(super) fn update_mode(&mut self, group: &str, nr: SlinkNr, now: Instant) {
-        let m = if self.policy.synchronous || self.throttles() {
+        let m = if self.policy.is_synchronous() || self.throttles() {
             fallbehind::next_mode(&self.policy, &self.thresholds, &self.lag(now), self.mode)
         } else {
-            Mode::Asynchronous
+            InForce::Asynchronous
         };
         if m == self.mode {
             return;
