@@ -432,7 +432,7 @@ mod tests {
         Policy { mode: Mode::Asynchronous, stall: false }
     }
 
-    fn local(nr: u32, policy: Policy, ios: Option<u64>) -> SlinkSpec {
+    fn local(nr: SlinkNr, policy: Policy, ios: Option<u64>) -> SlinkSpec {
         SlinkSpec { nr, kind: SlinkKind::Local, policy, fallbehind: FallBehind { ios, ..FallBehind::default() } }
     }
 
@@ -980,7 +980,7 @@ mod tests {
         // The same for the device-entry form and for specs built in code.
         assert!(dev("grp 0 0 1 /a - 0 2048 1 /b core 1 8").unwrap_err().to_string().contains("below 2048"));
         let mut s = spec.clone();
-        s.slinks[1].nr = MAX_SLINKS as u32;
+        s.slinks[1].nr = MAX_SLINKS as SlinkNr;
         s.devices[0].replicas[1].slink_nr = MAX_SLINKS as SlinkNr;
         assert!(s.validate().unwrap_err().to_string().contains("below 2048"));
     }
@@ -1076,7 +1076,7 @@ mod tests {
     fn arb_spec() -> impl Strategy<Value = ReplicatorSpec> {
         (
             arb_log(),
-            prop::collection::btree_set(1u32..MAX_SLINKS as u32, 0..4),
+            prop::collection::btree_set(1..MAX_SLINKS as SlinkNr, 0..4),
             prop::collection::vec(arb_slink_body(), 5),
             any::<bool>(),
             prop::collection::btree_set(any::<u32>(), 1..4),
@@ -1085,7 +1085,7 @@ mod tests {
             prop::collection::vec(3u32..24, 4),
         )
             .prop_map(|(log, remote, bodies, control, dev_nrs, masks, dlogs, regions)| {
-                let nrs: Vec<u32> = std::iter::once(0).chain(remote).collect();
+                let nrs: Vec<SlinkNr> = std::iter::once(0).chain(remote).collect();
                 let slinks: Vec<SlinkSpec> = nrs
                     .iter()
                     .zip(bodies)
@@ -1122,7 +1122,7 @@ mod tests {
         (
             "[a-z0-9_-]{1,10}",
             any::<u32>(),
-            prop::collection::btree_set(1u32..MAX_SLINKS as u32, 0..4),
+            prop::collection::btree_set(1..MAX_SLINKS as SlinkNr, 0..4),
             prop::collection::vec((arb_path(), any::<bool>(), arb_path(), any::<bool>()), 5),
             3u32..24,
         )
