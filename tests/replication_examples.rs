@@ -470,3 +470,42 @@ fn restart_brings_the_group_back_and_replication_continues() {
     assert!(read_at(&d.path("sdd"), 7 * MIB, 256 << 10).iter().all(|&b| b == 0x67));
     assert!(read_at(&d.path("sdc"), 6 * MIB, 256 << 10).iter().all(|&b| b == 0x66));
 }
+
+/// `auto` makes a missing log and a missing `disk` dirty log at the size they need
+/// (sparse: nothing written beyond what they write themselves); a refused table leaves
+/// no file it created behind.
+#[test]
+fn auto_creates_missing_log_and_dirty_log_files() {
+    require!("qemu-io");
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start();
+    let ld = d.make_file_s("ld", 32 * MIB);
+    let rd = d.make_file_s("rd", 32 * MIB);
+    let log = d.path("newlog");
+    let dl = d.path("newdirty");
+    // Refused (the RD is too small): nothing created stays.
+    let small = d.make_file_s("small", MIB);
+    let table = |rd: &str| {
+        format!(
+            "0 {SECTORS} replicator default 4 {} 0 auto 65536 local 2 0 async 2 0 {ld} - 0 \
+             local 2 1 async 2 0 {rd} disk 3 {} 2048 sync",
+            log.display(),
+            dl.display()
+        )
+    };
+    let e = d.cli_err(&["create", "r0", "--table", &table(&small)]);
+    assert!(e.contains("smaller"), "{e}");
+    assert!(!log.exists() && !dl.exists(), "a refused table left created files behind");
+    // Accepted: both files made at the size they need. The log's ring is written out
+    // once on purpose (appends into a sparse file would each cost a journal commit);
+    // the dirty log stays sparse.
+    d.create("r0", &table(&rd));
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 65536 * 512);
+    let m = std::fs::metadata(&dl).unwrap();
+    assert!(m.len() > 0);
+    assert!(m.blocks() * 512 <= m.len(), "the dirty log file is no larger than needed");
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x5c 0 2M"]);
+    let o = d.cli(&["wait", "r0", "--timeout", "60"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(std::fs::read(&ld).unwrap() == std::fs::read(&rd).unwrap());
+}

@@ -96,3 +96,45 @@ fn restart_with_a_missing_backing_file_keeps_the_others() {
     qemu_io_ok(&d.uri("ok"), &["read -P 0x42 0 64k"]);
     assert!(d.log_text().contains("lost"), "the daemon logs the device it could not restore");
 }
+
+/// Issue 8: a restart with one RD file missing used to drop the whole group, the LD's
+/// device included. Now the group comes up degraded: writes go on, the RD's SLINK is
+/// down (an outage, absorbed by the log), and once the file is back it catches up.
+#[test]
+fn restart_with_a_missing_rd_comes_up_degraded() {
+    require!("qemu-io");
+    let mut d = Daemon::start();
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd = d.make_file_s("rd", 16 << 20);
+    let log = d.make_file_s("replog", 16 << 20);
+    d.create(
+        "r0",
+        &format!(
+            "0 32768 replicator default 4 {log} 0 auto 32768 local 2 0 async 2 0 {ld} - 0 \
+             local 2 1 async 2 0 {rd} core 2 2048 nosync"
+        ),
+    );
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x11 0 1M"]);
+    let o = d.cli(&["wait", "r0", "--timeout", "30"]);
+    assert!(o.status.success(), "{}", show(&o));
+    d.terminate();
+    let away = d.path("rd.away");
+    std::fs::rename(&rd, &away).unwrap();
+    d.restart();
+    assert!(d.names().contains(&"r0-0".to_string()), "the LD's device is back: {:?}", d.names());
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x22 1M 1M"]);
+    let st = d.json(&["status", "r0"]);
+    let s1 =
+        st[0]["segments"][0]["detail"]["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == 1).unwrap().clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let st = d.json(&["status", "r0"]);
+            st[0]["segments"][0]["detail"]["slinks"][1]["accessible"] == false
+        }),
+        "slink 1 is down while its RD is missing: {s1}"
+    );
+    std::fs::rename(&away, &rd).unwrap();
+    let o = d.cli(&["wait", "r0", "--timeout", "60"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(std::fs::read(&ld).unwrap() == std::fs::read(&rd).unwrap(), "RD caught up from the log");
+}

@@ -133,6 +133,11 @@ impl Group {
         self.inner.m.lock().dirty.get(&(nr, dev)).map(|(l, _)| (l.dirty_count(), l.regions()))
     }
 
+    /// The kind of the dirty log of device `dev` on SLINK `nr` (`core`, `disk`).
+    pub fn dirty_log_kind(&self, nr: SlinkNr, dev: DevNr) -> Option<&'static str> {
+        self.inner.m.lock().dirty.get(&(nr, dev)).map(|(l, _)| l.kind())
+    }
+
     /// Whether SLINK `nr` is in ordered mode (its RDs write-order consistent).
     pub fn is_ordered(&self, nr: SlinkNr) -> bool {
         self.inner.m.lock().slinks.get(&nr).is_some_and(|rt| rt.ordered && !rt.leaving())

@@ -15,6 +15,9 @@ use crate::replicator::log::EntryKind;
 struct Dev {
     backend: Arc<dyn BlockBackend>,
     path: String,
+    /// Missing when the table was restored: `backend` fails every I/O, and probes try
+    /// to open `path` again (this many bytes needed).
+    missing: Option<u64>,
     /// Its claims (DESIGN 4.9): released when the last `Arc<Dev>` goes, i.e. once the
     /// device is detached and no I/O to it is in flight.
     claims: Mutex<Vec<Claim>>,
@@ -61,6 +64,42 @@ impl LocalSlink {
     }
 }
 
+/// The back-end of a device missing when its table was restored: every I/O fails.
+struct Missing(String);
+
+impl Missing {
+    fn err(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}: missing (it was not there when the group started)", self.0),
+        )
+    }
+}
+
+impl BlockBackend for Missing {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+        Err(self.err())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(self.err())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Err(self.err())
+    }
+    fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(self.err())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+        Err(self.err())
+    }
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
 impl SlinkHandler for LocalSlink {
     fn kind(&self) -> &'static str {
         "local"
@@ -84,8 +123,19 @@ impl SlinkHandler for LocalSlink {
                 ),
             ));
         }
-        self.devs.write().insert(dev_nr, Arc::new(Dev { backend, path: device.to_string(), claims: Mutex::default() }));
+        self.devs.write().insert(
+            dev_nr,
+            Arc::new(Dev { backend, path: device.to_string(), missing: None, claims: Mutex::default() }),
+        );
         Ok(())
+    }
+
+    fn attach_missing(&self, dev_nr: u32, device: &str, need_bytes: u64) {
+        let backend: Arc<dyn BlockBackend> = Arc::new(Missing(device.to_string()));
+        self.devs.write().insert(
+            dev_nr,
+            Arc::new(Dev { backend, path: device.to_string(), missing: Some(need_bytes), claims: Mutex::default() }),
+        );
     }
 
     fn keep_claim(&self, dev_nr: u32, claim: Claim) {
@@ -135,6 +185,13 @@ impl SlinkHandler for LocalSlink {
     /// contents and synced; nothing else writes to this SLINK's devices while it is
     /// down (the copier that would is the one probing).
     fn probe(&self) -> io::Result<()> {
+        // A device that was missing is opened again first (it came back).
+        let missing: Vec<(u32, String, u64)> =
+            self.devs.read().iter().filter_map(|(nr, d)| d.missing.map(|b| (*nr, d.path.clone(), b))).collect();
+        for (nr, path, need) in missing {
+            self.attach(nr, &path, need).map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+            tracing::info!(path, dev_nr = nr, "a device missing at start is back");
+        }
         let devs: Vec<_> = self.devs.read().values().map(|d| d.backend.clone()).collect();
         let mut sector = [0u8; 512];
         for d in devs {
@@ -143,6 +200,10 @@ impl SlinkHandler for LocalSlink {
             d.sync()?;
         }
         Ok(())
+    }
+
+    fn device_path(&self, dev_nr: u32) -> Option<String> {
+        self.devs.read().get(&dev_nr).map(|d| d.path.clone())
     }
 
     fn describe(&self) -> String {

@@ -34,6 +34,10 @@ pub trait SlinkHandler: Send + Sync {
     /// the device is in use: until it is detached and no I/O to it is in flight.
     fn keep_claim(&self, dev_nr: u32, claim: Claim);
 
+    /// Attach device `dev_nr`, which is missing now (a restart found its file gone): its
+    /// I/O fails, so the SLINK is down, and probes look for it again.
+    fn attach_missing(&self, dev_nr: u32, device: &str, need_bytes: u64);
+
     /// Detach device `dev_nr` (its replicator-dev went away).
     fn detach(&self, dev_nr: u32);
 
@@ -58,4 +62,9 @@ pub trait SlinkHandler: Send + Sync {
 
     /// Human-readable description of where the site's devices are.
     fn describe(&self) -> String;
+
+    /// Where device `dev_nr` of this site is (a path, a URL), if attached.
+    fn device_path(&self, _dev_nr: u32) -> Option<String> {
+        None
+    }
 }

@@ -96,7 +96,7 @@ fn reload(
     // (Transports and per-device replicas were checked by `construct`.)
     let mut policies = Vec::new();
     let mut new_slinks = Vec::new();
-    let claiming = Claiming { registry: ctx.devices.claims(), owner: &handle.owner, group: ctx.device_name };
+    let claiming = Claiming::new(ctx.devices.claims(), &handle.owner, ctx.device_name);
     let mut claims = Vec::new();
     for s in &spec.slinks {
         let (policy, thresholds) = (s.policy, thresholds_of(&s.fallbehind));
@@ -112,11 +112,12 @@ fn reload(
             })?;
             claims.push(claiming.device(s.nr, d.dev_nr, &r.path, handle.dev_bytes)?);
             h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
-            reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, &claiming)?));
+            reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, true, &claiming)?));
         }
         new_slinks.push((SlinkSetup { nr: s.nr, handler: h, policy, thresholds }, reps));
     }
     handle.users.fetch_add(1, Ordering::SeqCst);
+    claiming.accept();
     Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks, claims })))
 }
 
@@ -147,7 +148,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     // The SLINKs and, in the paper form, the devices: claimed, opened and size-checked
     // before the log is touched, so a refused table writes nothing.
     let owner = Owner::new(ctx.device_name);
-    let claiming = Claiming { registry: ctx.devices.claims(), owner: &owner, group: ctx.device_name };
+    let claiming = Claiming::new(ctx.devices.claims(), &owner, ctx.device_name);
     let mut claims = Vec::new();
     let mut setups = Vec::new();
     let mut declared = Vec::new();
@@ -155,10 +156,14 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         let h = Arc::new(LocalSlink::new());
         for d in &spec.devices {
             for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
-                claims.push(claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?);
                 // (Opened once the group runs; claimed now, before the log is touched.)
-                claims.extend(claiming.dirty_log(d.dev_nr, r)?);
-                h.attach(d.dev_nr, &r.path, dev_bytes)?;
+                claims.extend(claiming.dirty_log(d.dev_nr, r, dev_bytes)?);
+                if missing_rd(ctx, s.nr, &r.path) {
+                    h.attach_missing(d.dev_nr, &r.path, dev_bytes);
+                } else {
+                    claims.push(claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?);
+                    h.attach(d.dev_nr, &r.path, dev_bytes)?;
+                }
                 declared.push((s.nr, d.dev_nr, r.path.clone()));
             }
         }
@@ -172,6 +177,9 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     // The log.
     let lpath = &spec.log.path;
     let start = sectors_to_bytes(spec.log.start_sector);
+    if let (OpenMode::Create | OpenMode::Auto, Some(sectors)) = (spec.log.open_mode, spec.log.size_sectors) {
+        claiming.create_if_missing(lpath, start + sectors_to_bytes(sectors))?;
+    }
     let backend: Arc<dyn BlockBackend> = Arc::new(
         FileBackend::open(Path::new(lpath)).map_err(|e| TargetError::Device { path: lpath.clone(), source: e })?,
     );
@@ -245,6 +253,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             }
         }
     }
+    claiming.accept();
     let handle = Arc::new(GroupHandle {
         group: Mutex::new(Some(group.clone())),
         declared: Mutex::new(declared),

@@ -31,7 +31,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         }
     }
     let mut attached = Vec::new();
-    let claiming = Claiming { registry: ctx.devices.claims(), owner: &ctx.owner, group: &spec.control };
+    let claiming = Claiming::new(ctx.devices.claims(), &ctx.owner, &spec.control);
     for r in &spec.replicas {
         let h = group.handler(r.slink_nr).ok_or_else(|| {
             TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
@@ -48,7 +48,9 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
                     ),
                 ));
             }
-            if let Err(e) = claiming.device(r.slink_nr, spec.dev_nr, &r.path, len).and_then(|c| {
+            if missing_rd(ctx, r.slink_nr, &r.path) {
+                h.attach_missing(spec.dev_nr, &r.path, len);
+            } else if let Err(e) = claiming.device(r.slink_nr, spec.dev_nr, &r.path, len).and_then(|c| {
                 h.attach(spec.dev_nr, &r.path, len)?;
                 // Held while the device is attached: an LD leaves its group only
                 // once SLINK 0 has every entry of it, after this table is gone.
@@ -75,6 +77,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
         }
     }
     group.kick();
+    claiming.accept();
     Ok(Arc::new(ReplicatorDev { group, dev_nr: spec.dev_nr, attached, replicas: spec.replicas }))
 }
 
@@ -103,33 +106,41 @@ impl Target for ReplicatorDev {
         let st = self.group.status();
         let mut line = String::new();
         let mut slinks = Vec::new();
-        for r in &self.replicas {
-            let s = st.slinks.iter().find(|s| s.slink == r.slink_nr);
-            let acc = s.map(|s| s.accessible).unwrap_or(false);
-            let (insync, total) = match self.group.device_regions(r.slink_nr, self.dev_nr) {
+        // Every SLINK of the group, those added to it live (by a reload) included.
+        for s in &st.slinks {
+            let nr = s.slink;
+            let r = self.replicas.iter().find(|r| r.slink_nr == nr);
+            let path =
+                r.map(|r| r.path.clone()).or_else(|| self.group.handler(nr).and_then(|h| h.device_path(self.dev_nr)));
+            let dirty_kind = match r {
+                Some(r) => Some(r.dirty_log.name()),
+                None => self.group.dirty_log_kind(nr, self.dev_nr),
+            };
+            let acc = s.accessible;
+            let (insync, total) = match self.group.device_regions(nr, self.dev_nr) {
                 Some((dirty, total)) => (total - dirty, total),
                 None => (0, 0),
             };
-            let ordered = self.group.is_ordered(r.slink_nr);
-            let resyncing = s.is_some_and(|s| s.sync.state == "resyncing");
+            let ordered = s.sync.ordered;
+            let resyncing = s.sync.state == "resyncing";
             if !line.is_empty() {
                 line.push(' ');
             }
-            if r.slink_nr == 0 {
+            if nr == 0 {
                 line.push_str(&format!("0:{},-", if acc { "A" } else { "D" }));
             } else {
                 line.push_str(&format!(
                     "{}:{},{insync}{}/{total}",
-                    r.slink_nr,
+                    nr,
                     if acc { "A" } else { "D" },
                     if resyncing { "+" } else { "" }
                 ));
             }
             slinks.push(serde_json::json!({
-                "slink": r.slink_nr,
-                "device": r.path,
+                "slink": nr,
+                "device": path,
                 "accessible": acc,
-                "dirty_log": r.dirty_log.name(),
+                "dirty_log": dirty_kind,
                 "regions_in_sync": insync,
                 "regions": total,
                 "write_order_consistent": ordered,

@@ -62,9 +62,70 @@ struct Claiming<'a> {
     registry: &'a Arc<Claims>,
     owner: &'a Owner,
     group: &'a str,
+    /// Files created for this table: removed again unless the table is accepted.
+    created: std::cell::RefCell<Vec<NewFile>>,
 }
 
-impl Claiming<'_> {
+/// A file dmrep created for a table (a missing replication log or `disk` dirty log):
+/// sparse, at the size needed (nothing is written that the log or dirty log does not
+/// write itself; a file system that cannot hold the data later fails those writes,
+/// which fail as I/O errors). Removed when dropped, unless kept.
+struct NewFile {
+    path: std::path::PathBuf,
+    keep: bool,
+}
+
+impl NewFile {
+    /// Create `path` with `bytes` bytes if nothing is there. `None`: it existed.
+    fn create_if_missing(path: &str, bytes: u64) -> Result<Option<NewFile>, TargetError> {
+        let p = Path::new(path);
+        let file = match std::fs::OpenOptions::new().write(true).create_new(true).open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+            Err(e) => return Err(TargetError::Device { path: path.to_string(), source: e }),
+        };
+        let new = NewFile { path: p.to_path_buf(), keep: false };
+        file.set_len(bytes).map_err(|e| TargetError::Device { path: path.to_string(), source: e })?;
+        tracing::info!(path, bytes, "created a sparse file for the table");
+        Ok(Some(new))
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl<'a> Claiming<'a> {
+    fn new(registry: &'a Arc<Claims>, owner: &'a Owner, group: &'a str) -> Self {
+        Claiming { registry, owner, group, created: Default::default() }
+    }
+
+    /// Create `path` (`bytes` long, sparse) if it is missing; removed again unless the
+    /// table is accepted ([`Claiming::accept`]).
+    fn create_if_missing(&self, path: &str, bytes: u64) -> Result<(), TargetError> {
+        if let Some(f) = NewFile::create_if_missing(path, bytes)? {
+            self.created.borrow_mut().push(f);
+        }
+        Ok(())
+    }
+
+    /// Whether this table created `path` (it was missing).
+    fn created(&self, path: &str) -> bool {
+        self.created.borrow().iter().any(|f| f.path == Path::new(path))
+    }
+
+    /// The table is accepted: the files created for it stay.
+    fn accept(self) {
+        for mut f in self.created.take() {
+            f.keep = true;
+            drop(f);
+        }
+    }
+
     fn claim(&self, path: &str, range: Range<u64>, role: String) -> Result<Claim, TargetError> {
         Ok(self.registry.claim(self.owner, role, Path::new(path), range)?)
     }
@@ -75,16 +136,31 @@ impl Claiming<'_> {
         self.claim(path, 0..bytes, format!("{kind} of group {}, slink {slink} device {dev_nr}", self.group))
     }
 
-    /// The `disk` dirty log of replica `r` of device `dev_nr`, if it has one: the whole file.
-    fn dirty_log(&self, dev_nr: u32, r: &ReplicaSpec) -> Result<Option<Claim>, TargetError> {
+    /// The `disk` dirty log of replica `r` of device `dev_nr` (`dev_bytes` long), if it
+    /// has one: the whole file, created at the size it needs if missing.
+    fn dirty_log(&self, dev_nr: u32, r: &ReplicaSpec, dev_bytes: u64) -> Result<Option<Claim>, TargetError> {
         match &r.dirty_log {
-            DirtyLogSpec::Disk { path, .. } => {
+            DirtyLogSpec::Disk { path, region_sectors, .. } => {
+                let regions = dev_bytes.div_ceil(sectors_to_bytes(*region_sectors).max(1));
+                self.create_if_missing(path, super::dirty::disk::bytes_needed(regions))?;
                 let role = format!("disk dirty log of group {}, slink {} device {dev_nr}", self.group, r.slink_nr);
                 self.claim(path, WHOLE_FILE, role).map(Some)
             }
             _ => Ok(None),
         }
     }
+}
+
+/// An RD whose file is gone when the daemon restores its table: the group comes up
+/// degraded (that SLINK down, probed until the file is back) rather than not at all.
+/// Only at a restore, only for RDs: an operator's new table naming a missing file is
+/// refused, and a missing LD stops its device.
+fn missing_rd(ctx: &BuildContext<'_>, slink: SlinkNr, path: &str) -> bool {
+    let missing = ctx.restoring && slink != 0 && !Path::new(path).exists();
+    if missing {
+        tracing::warn!(device = ctx.device_name, slink, path, "replica missing at restart: its slink starts down");
+    }
+    missing
 }
 
 /// What a control device publishes for its replicator-devs.
@@ -126,16 +202,21 @@ fn open_dirty(
     dev_nr: u32,
     dev_bytes: u64,
     new_rd: bool,
+    slink_ordered: bool,
     claiming: &Claiming<'_>,
 ) -> Result<OpenedDirty, TargetError> {
-    let claim = claiming.dirty_log(dev_nr, r)?;
+    let claim = claiming.dirty_log(dev_nr, r, dev_bytes)?;
     Ok(match &r.dirty_log {
         DirtyLogSpec::None => None,
         DirtyLogSpec::Core { region_sectors, sync } => {
             Some((Arc::new(CoreLog::new(dev_bytes, sectors_to_bytes(*region_sectors))), *sync && new_rd))
         }
         DirtyLogSpec::Disk { path, region_sectors, sync } => {
-            let (mut l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), *sync)
+            // A dirty log missing for an RD out of sync in a group that had it already
+            // (a restart): what it said is lost, so every region is dirty. (An SLINK in
+            // ordered mode has nothing dirty to lose.)
+            let all_dirty = *sync || (claiming.created(path) && !new_rd && !slink_ordered);
+            let (mut l, _formatted) = DiskLog::open(path, dev_bytes, sectors_to_bytes(*region_sectors), all_dirty)
                 .map_err(|e| TargetError::failed(T, e))?;
             if let Some(c) = claim {
                 l.keep_claim(c);
@@ -170,5 +251,6 @@ fn attach_dirty(
     new_rd: bool,
     claiming: &Claiming<'_>,
 ) -> Result<(), TargetError> {
-    attach_opened(group, dev_nr, r, dev_bytes, open_dirty(r, dev_nr, dev_bytes, new_rd, claiming)?)
+    let ordered = group.is_ordered(r.slink_nr);
+    attach_opened(group, dev_nr, r, dev_bytes, open_dirty(r, dev_nr, dev_bytes, new_rd, ordered, claiming)?)
 }
