@@ -217,3 +217,54 @@ fn sigterm_with_a_request_held_by_a_suspended_device_exits() {
     let data = std::fs::read(&file).unwrap();
     assert!(data[..4096].iter().all(|&b| b == 0), "a held, never acknowledged write reached the file");
 }
+
+/// Issue 8: suspending a replicator control device holds the writes of every device of
+/// its group (a consistent point across devices), and resuming it lets them go.
+#[test]
+fn suspending_the_control_device_holds_the_whole_group() {
+    require!("qemu-io");
+    let d = Daemon::start();
+    let (ld0, ld1) = (d.make_file_s("ld0", 8 * MIB), d.make_file_s("ld1", 8 * MIB));
+    let (rd0, rd1) = (d.make_file_s("rd0", 8 * MIB), d.make_file_s("rd1", 8 * MIB));
+    let log = d.make_file_s("replog", 8 * MIB);
+    d.create(
+        "r0",
+        &format!(
+            "0 16384 replicator default 4 {log} 0 auto 16384 \
+             local 2 0 async 2 0 {ld0} - 0 local 2 0 async 2 1 {ld1} - 0 \
+             local 2 1 async 2 0 {rd0} core 2 2048 nosync local 2 1 async 2 1 {rd1} core 2 2048 nosync"
+        ),
+    );
+    d.cli_ok(&["suspend", "r0"]);
+    let mut writers: Vec<KillOnDrop> = ["r0-0", "r0-1"]
+        .iter()
+        .map(|dev| {
+            KillOnDrop(
+                Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", "write -P 0x33 0 64k", &d.uri(dev)])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let st = d.json(&["status", "r0"]);
+            st[0]["segments"][0]["detail"]["queued_writes"] == 2
+        }),
+        "both devices' writes are held"
+    );
+    assert!(d.cli_ok(&["status", "r0"]).contains("writes held"));
+    assert!(writers.iter_mut().all(|w| w.0.try_wait().unwrap().is_none()), "no write completed while suspended");
+    d.cli_ok(&["resume", "r0"]);
+    for w in writers.iter_mut() {
+        assert!(wait_until(Duration::from_secs(20), || w.0.try_wait().unwrap().is_some()), "the write completes");
+        assert!(w.0.wait().unwrap().success());
+    }
+    let o = d.cli(&["wait", "r0", "--timeout", "30"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(read_at(std::path::Path::new(&rd1), 0, 4), vec![0x33; 4]);
+}

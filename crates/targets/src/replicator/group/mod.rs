@@ -446,6 +446,23 @@ impl Group {
         self.inner.control(Control::AttachDirty { slink: nr, dev, log, dev_bytes, initial_dirty })
     }
 
+    /// Hold the writes of every device of the group (the control device is suspended):
+    /// no new batch goes into the log, and this returns once the batch being appended, if
+    /// any, is settled (at most [`DRAIN_WAIT`]): the log then holds whole writes only.
+    pub fn freeze(&self) {
+        let _ = self.inner.control(Control::Freeze(true));
+        let until = Instant::now() + DRAIN_WAIT;
+        let mut m = self.inner.m.lock();
+        while (m.appending || m.awaiting_flush()) && Instant::now() < until {
+            self.inner.copier_cv.wait_for(&mut m, TICK);
+        }
+    }
+
+    /// Let the group's writes flow again (the control device is resumed).
+    pub fn thaw(&self) {
+        let _ = self.inner.control(Control::Freeze(false));
+    }
+
     /// Copy every region of SLINK `nr`'s devices again (a full resync of that site).
     pub fn invalidate(&self, nr: SlinkNr) -> Result<(), GroupError> {
         self.inner.control(Control::Invalidate(nr))
@@ -496,6 +513,8 @@ pub struct GroupStatus {
     pub log: LogStats,
     pub queued_writes: usize,
     pub awaiting_writes: usize,
+    /// The control device is suspended: the group's writes are held.
+    pub writes_held: bool,
     pub pending_on_ld: usize,
     pub slinks: Vec<SlinkStatus>,
     pub statistics: Option<Stats>,

@@ -109,6 +109,7 @@ impl Group {
             log: self.inner.log.stats(),
             queued_writes: m.queued(),
             awaiting_writes: m.awaiting(),
+            writes_held: m.frozen,
             pending_on_ld: m.overlay.len(),
             slinks,
             statistics: m.stats.enabled.then(|| m.stats.clone()),

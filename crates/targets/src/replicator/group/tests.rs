@@ -625,3 +625,23 @@ fn invalidate_copies_every_region_again() {
     h.assert_copy_equal(1);
     assert!(h.m.control(h.now, Control::Invalidate(0)).is_err());
 }
+
+/// A suspended control device holds every device's writes: nothing new goes into the
+/// log until it is resumed; a batch already with the appender settles first.
+#[test]
+fn frozen_group_appends_nothing_until_thawed() {
+    let mut h = Harness::new(&[0, 1], &[(1, ASYNC, Thresholds::default())], 8 << 20);
+    let a = h.write(0, 0, 1, 4096);
+    let io = h.appender_io().expect("a batch");
+    h.control(Control::Freeze(true));
+    assert!(h.m.appending, "the batch in flight is not settled yet");
+    h.run(io);
+    assert!(!h.m.appending && h.replies.ok(a), "the batch in flight settles");
+    let b = h.write(1, 0, 2, 4096);
+    h.settle();
+    assert!(!h.replies.answered(b), "held while frozen");
+    assert_eq!(h.m.queued(), 1);
+    h.control(Control::Freeze(false));
+    h.settle();
+    assert!(h.replies.ok(b));
+}

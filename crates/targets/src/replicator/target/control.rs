@@ -313,6 +313,9 @@ impl Target for ReplicatorTarget {
             " log {}/{} head {} next {}",
             st.log.used_bytes, st.log.ring_len, st.log.head_seq, st.log.next_seq
         ));
+        if st.writes_held {
+            line.push_str(&format!(" writes held ({} queued)", st.queued_writes));
+        }
         TargetStatus::new(line, serde_json::to_value(&st).unwrap_or_default())
     }
 
@@ -395,7 +398,13 @@ impl Target for ReplicatorTarget {
             .collect()
     }
 
+    /// Suspending the control device holds the writes of every device of the group.
+    fn presuspend(&self) {
+        self.group.freeze();
+    }
+
     fn resume(&self) {
+        self.group.thaw();
         let Some(r) = self.pending.lock().take() else { return };
         self.handle.claims.lock().extend(r.claims);
         for (nr, p, t) in r.policies {

@@ -52,6 +52,10 @@ impl Machine {
                 _ => return Err(GroupError::Statistics(cmd)),
             },
             Control::Invalidate(slink) => return self.invalidate(now, slink),
+            Control::Freeze(on) => {
+                self.frozen = on;
+                info!(group = %self.name, "group writes {}", if on { "held (control device suspended)" } else { "released" });
+            }
             Control::ResyncRate { slink, rate } => {
                 let rt = self.slinks.get_mut(&slink).ok_or(GroupError::NoSlink(slink))?;
                 rt.resync.rate_limit = (rate > 0).then_some(rate);

@@ -259,6 +259,9 @@ pub(crate) enum Control {
     },
     Shipping(bool),
     Statistics(String),
+    /// Hold (true) or release (false) the group's writes: the control device is
+    /// suspended or resumed.
+    Freeze(bool),
     /// Copy every region of the SLINK's devices again (DRBD's invalidate-remote).
     Invalidate(SlinkNr),
     ResyncRate {
@@ -339,6 +342,11 @@ pub(crate) struct Machine {
     /// The log was full and no SLINK could leave, at this time: the appender waits for
     /// copiers (tries again after progress, or a tick).
     log_full: Option<Instant>,
+    /// The control device is suspended: no new batch is appended (writes of every device
+    /// of the group wait in the queue), a point where the log holds whole writes only.
+    pub frozen: bool,
+    /// A batch is with the appender (or its dirty-log flush is): not yet settled.
+    pub appending: bool,
     /// Ring length, and the most bytes one batch may take of it.
     ring_len: u64,
     batch_bytes: u64,
@@ -377,6 +385,8 @@ impl Machine {
             removed: BTreeSet::new(),
             detach_ld: BTreeMap::new(),
             log_full: None,
+            frozen: false,
+            appending: false,
             ring_len,
             // A batch must fit in the ring with room to spare, however small the log.
             batch_bytes: MAX_BATCH_BYTES.min(ring_len / 4),
@@ -434,6 +444,10 @@ impl Machine {
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+    /// Writes whose dirty-log marks are being flushed.
+    pub fn awaiting_flush(&self) -> bool {
+        !self.unflushed.is_empty()
     }
     pub fn awaiting(&self) -> usize {
         self.awaiting.len() + self.unflushed.len()

@@ -41,8 +41,14 @@ impl Machine {
         if self.log_full.is_some_and(|t| now.saturating_duration_since(t) < crate::replicator::group::TICK) {
             return Effects::default();
         }
+        if self.frozen {
+            return Effects::default();
+        }
         match self.plan(now) {
-            Some(b) => Effects::io(Io::Append(Box::new(b))),
+            Some(b) => {
+                self.appending = true;
+                Effects::io(Io::Append(Box::new(b)))
+            }
             None => Effects::default(),
         }
     }
@@ -114,6 +120,7 @@ impl Machine {
     ) -> Effects {
         let mut fx = Effects::default();
         let Batch { mut pendings, slices, slinks: _, eras } = *batch;
+        self.appending = false;
         if self.shutdown {
             for p in pendings {
                 fx.fail(p.req, p.done, Errno::SHUTDOWN);
