@@ -51,8 +51,9 @@ fn slink_added_by_reload_gets_an_initial_sync_while_writes_go_on() {
     // The live table now has three SLINKs and survives a restart as such.
     assert!(d.cli_ok(&["table", "r0"]).contains(&rd2));
     // Refused reloads leave the group as it is.
-    let e = d.cli_err(&["load", "r0", "--table", &t1]);
-    assert!(e.contains("removing slink 2"), "{e}");
+    let other_ld = d.make_file_s("other_ld", 32 << 20);
+    let e = d.cli_err(&["load", "r0", "--table", &t2.replace(&ld, &other_ld)]);
+    assert!(e.contains("must stay") && e.contains("keeps its LDs"), "{e}");
     let other_log = d.make_file_s("other", 8 << 20);
     let e = d.cli_err(&["load", "r0", "--table", &t2.replace(&log, &other_log)]);
     assert!(e.contains("replication log"), "{e}");
@@ -135,4 +136,43 @@ fn sync_device_added_after_restart_gets_an_initial_copy() {
     assert!(o.status.success(), "{}", show(&o));
     assert!(std::fs::read(&ld1).unwrap() == std::fs::read(&rd1).unwrap(), "RD1 was copied from LD1");
     assert!(std::fs::read(&ld0).unwrap() == std::fs::read(&rd0).unwrap());
+}
+
+/// Issue 8: by reload, an SLINK leaves a live group (the others go on, nothing waits for
+/// it), and a failed RD is replaced by a new one that gets an initial copy of its own.
+#[test]
+fn reload_removes_an_slink_and_replaces_an_rd() {
+    require!("qemu-io");
+    let d = Daemon::start();
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd1 = d.make_file_s("rd1", 16 << 20);
+    let rd2 = d.make_file_s("rd2", 16 << 20);
+    let log = d.make_file_s("replog", 16 << 20);
+    let head = format!("0 32768 replicator default 4 {log} 0 auto 32768 local 2 0 async 2 0 {ld} - 0");
+    let s1 = |rd: &str| format!(" local 2 1 async 2 0 {rd} core 2 2048 nosync");
+    let s2 = format!(" local 2 2 sync 2 0 {rd2} core 2 2048 nosync");
+    d.create("r0", &format!("{head}{}{s2}", s1(&rd1)));
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x41 0 1M"]);
+    // SLINK 2 (synchronous) leaves: writes no longer wait for it.
+    d.cli_ok(&["load", "r0", "--table", &format!("{head}{}", s1(&rd1))]);
+    d.cli_ok(&["resume", "r0"]);
+    let st = d.json(&["status", "r0"]);
+    let slinks = st[0]["segments"][0]["detail"]["slinks"].as_array().unwrap().clone();
+    assert_eq!(slinks.len(), 2, "slink 2 left: {st}");
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x42 1M 1M"]);
+    assert!(!d.cli_ok(&["table", "r0"]).contains(&rd2));
+    // SLINK 1's RD replaced by a new, empty file: copied in full, then in order again.
+    let rd1b = d.make_file_s("rd1b", 16 << 20);
+    d.cli_ok(&["load", "r0", "--table", &format!("{head}{}", s1(&rd1b))]);
+    d.cli_ok(&["resume", "r0"]);
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x43 2M 1M"]);
+    let o = d.cli(&["wait", "r0", "--timeout", "60"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(std::fs::read(&ld).unwrap() == std::fs::read(&rd1b).unwrap(), "the new RD equals the LD");
+    let st = d.json(&["status", "r0"]);
+    let s =
+        st[0]["segments"][0]["detail"]["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == 1).unwrap().clone();
+    assert!(s["sync"]["bytes_copied"].as_u64().unwrap() >= 16 << 20, "the new RD was copied in full: {s}");
+    // The old RD is free for other uses again.
+    d.create("other", &format!("0 32768 linear {rd1} 0"));
 }

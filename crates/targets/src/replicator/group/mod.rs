@@ -339,6 +339,15 @@ impl Group {
         Ok(())
     }
 
+    /// Take SLINK `nr` out of the live group (a reloaded table leaves it out): it stops,
+    /// nothing waits for it any more, and its claim on the log's entries goes.
+    pub fn remove_slink(&self, nr: SlinkNr) -> Result<(), GroupError> {
+        self.inner.control(Control::RemoveSlink(nr))?;
+        self.inner.log.unregister_slink(nr).map_err(GroupError::Log)?;
+        self.inner.appender_cv.notify_all();
+        Ok(())
+    }
+
     /// Replace an SLINK's policy and thresholds (table reload).
     pub fn set_policy_and_thresholds(&self, nr: SlinkNr, policy: Policy, t: Thresholds) -> Result<(), GroupError> {
         self.inner.control(Control::SetPolicy { slink: nr, policy, thresholds: Some(t) })

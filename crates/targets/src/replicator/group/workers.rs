@@ -29,11 +29,17 @@ const GATHER_WAIT: Duration = Duration::from_micros(150);
 /// Largest read/write the resync does at once.
 const RESYNC_CHUNK: u64 = 1 << 20;
 
-/// Wait until the machine hands out work for `ready` (or the group shuts down: None).
-fn wait_for_work(inner: &Inner, cv: &parking_lot::Condvar, ready: impl Fn() -> Event) -> Option<Io> {
+/// Wait until the machine hands out work for `ready` (None: the group shuts down, or
+/// the worker is `gone`).
+fn wait_for_work(
+    inner: &Inner,
+    cv: &parking_lot::Condvar,
+    ready: impl Fn() -> Event,
+    gone: impl Fn(&super::machine::Machine) -> bool,
+) -> Option<Io> {
     let mut m = inner.m.lock();
     loop {
-        if m.shutdown {
+        if m.shutdown || gone(&m) {
             return None;
         }
         let fx = m.apply(Instant::now(), ready());
@@ -79,7 +85,7 @@ pub(super) fn appender(inner: Arc<Inner>) {
                         inner.appender_cv.wait_until(&mut m, until);
                     }
                 }
-                match wait_for_work(&inner, &inner.appender_cv, || Event::AppenderReady) {
+                match wait_for_work(&inner, &inner.appender_cv, || Event::AppenderReady, |_| false) {
                     Some(io) => io,
                     None => return,
                 }
@@ -113,7 +119,12 @@ fn copier(inner: Arc<Inner>, nr: SlinkNr) {
     loop {
         let io = match next.take() {
             Some(io) => io,
-            None => match wait_for_work(&inner, &inner.copier_cv, || Event::CopierReady { slink: nr }) {
+            None => match wait_for_work(
+                &inner,
+                &inner.copier_cv,
+                || Event::CopierReady { slink: nr },
+                |m| !m.slinks.contains_key(&nr),
+            ) {
                 Some(io) => io,
                 None => return,
             },

@@ -32,10 +32,13 @@ impl ReplicatorTarget {
 /// What a reloaded table changes in the live group: new policies, and new SLINKs with
 /// their devices attached and their dirty logs opened (so errors surface at `load`).
 struct Reload {
-    policies: Vec<(u16, Policy, Thresholds)>,
+    policies: Vec<(SlinkNr, Policy, Thresholds)>,
     new_slinks: Vec<(SlinkSetup, Vec<NewReplica>)>,
-    /// The new SLINKs' devices, the group's once applied.
-    claims: Vec<Claim>,
+    /// SLINKs the new table leaves out.
+    removed: Vec<SlinkNr>,
+    /// Replicas of existing SLINKs with a new path: (dev_nr, replica, its dirty log), and
+    /// the claim on the new device (its handler keeps it).
+    replacements: Vec<(NewReplica, Claim)>,
 }
 
 /// A device of a new SLINK: its dev_nr, its replica and its opened dirty log.
@@ -60,19 +63,26 @@ fn reload(
         return Err(TargetError::params(T, "a reloaded table must keep the length of the group's devices"));
     }
     let live = group.slink_numbers();
-    for nr in &live {
-        if spec.slink(*nr).is_none() {
-            return Err(TargetError::params(T, format!("removing slink {nr} from a live group is not supported")));
-        }
+    // SLINKs the new table leaves out leave the group (never SLINK 0).
+    let removed: Vec<SlinkNr> = live.iter().copied().filter(|nr| spec.slink(*nr).is_none()).collect();
+    if removed.contains(&0) {
+        return Err(TargetError::params(T, "slink 0 (the local devices) cannot be removed from a live group"));
     }
     let declared = handle.declared.lock().clone();
-    for (s, d, p) in &declared {
-        let same = spec.device(*d).is_some_and(|dev| dev.replicas.iter().any(|r| r.slink_nr == *s && r.path == *p));
-        if !same {
-            return Err(TargetError::params(
-                T,
-                format!("device {d} on slink {s} must stay {p} in a reloaded table (changing devices of a live group is not supported)"),
-            ));
+    // A device of an existing SLINK with a new path is a replaced replica (a failed RD
+    // swapped for a new one): it gets an initial copy of its own. LDs stay.
+    let mut replaced = Vec::new();
+    for (s, d, p) in declared.iter().filter(|(s, _, _)| !removed.contains(s)) {
+        let now = spec.device(*d).and_then(|dev| dev.replicas.iter().find(|r| r.slink_nr == *s));
+        match now {
+            Some(r) if r.path == *p => {}
+            Some(r) if *s != 0 => replaced.push((*s, *d, r.clone())),
+            _ => {
+                return Err(TargetError::params(
+                    T,
+                    format!("device {d} on slink {s} must stay {p} in a reloaded table (a live group keeps its LDs; an RD may be replaced by naming a new path)"),
+                ))
+            }
         }
     }
     // A new SLINK joins with a device and a dirty log for every device of the group, or
@@ -97,7 +107,6 @@ fn reload(
     let mut policies = Vec::new();
     let mut new_slinks = Vec::new();
     let claiming = Claiming::new(ctx.devices.claims(), &handle.owner, ctx.device_name);
-    let mut claims = Vec::new();
     for s in &spec.slinks {
         let (policy, thresholds) = (s.policy, thresholds_of(&s.fallbehind));
         if live.contains(&s.nr) {
@@ -110,15 +119,25 @@ fn reload(
             let r = d.replicas.iter().find(|r| r.slink_nr == s.nr).ok_or_else(|| {
                 TargetError::params(T, format!("device {}: no device on new slink {}", d.dev_nr, s.nr))
             })?;
-            claims.push(claiming.device(s.nr, d.dev_nr, &r.path, handle.dev_bytes)?);
+            let claim = claiming.device(s.nr, d.dev_nr, &r.path, handle.dev_bytes)?;
             h.attach(d.dev_nr, &r.path, handle.dev_bytes)?;
+            h.keep_claim(d.dev_nr, claim);
             reps.push((d.dev_nr, r.clone(), open_dirty(r, d.dev_nr, handle.dev_bytes, true, true, &claiming)?));
         }
         new_slinks.push((SlinkSetup { nr: s.nr, handler: h, policy, thresholds }, reps));
     }
+    let mut replacements = Vec::new();
+    for (s, d, r) in replaced {
+        let claim = claiming.device(s, d, &r.path, handle.dev_bytes)?;
+        // Opened and size-checked now (so errors surface at `load`), attached at resume.
+        LocalSlink::new().attach(d, &r.path, handle.dev_bytes)?;
+        let opened = open_dirty(&r, d, handle.dev_bytes, true, true, &claiming)?;
+        replacements.push(((d, r, opened), claim));
+    }
     handle.users.fetch_add(1, Ordering::SeqCst);
     claiming.accept();
-    Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(Reload { policies, new_slinks, claims })))
+    let reload = Reload { policies, new_slinks, removed, replacements };
+    Ok(ReplicatorTarget::build(ctx, spec, handle, group, Some(reload)))
 }
 
 pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
@@ -161,8 +180,10 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
                 if missing_rd(ctx, s.nr, &r.path) {
                     h.attach_missing(d.dev_nr, &r.path, dev_bytes);
                 } else {
-                    claims.push(claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?);
+                    let claim = claiming.device(s.nr, d.dev_nr, &r.path, dev_bytes)?;
                     h.attach(d.dev_nr, &r.path, dev_bytes)?;
+                    // Held while the device is attached (a replaced replica lets it go).
+                    h.keep_claim(d.dev_nr, claim);
                 }
                 declared.push((s.nr, d.dev_nr, r.path.clone()));
             }
@@ -406,11 +427,36 @@ impl Target for ReplicatorTarget {
     fn resume(&self) {
         self.group.thaw();
         let Some(r) = self.pending.lock().take() else { return };
-        self.handle.claims.lock().extend(r.claims);
         for (nr, p, t) in r.policies {
             if let Err(e) = self.group.set_policy_and_thresholds(nr, p, t) {
                 tracing::warn!(group = %self.name, slink = nr, "reloaded policy not applied: {e}");
             }
+        }
+        for nr in r.removed {
+            match self.group.remove_slink(nr) {
+                Ok(()) => self.handle.declared.lock().retain(|(s, _, _)| *s != nr),
+                Err(e) => tracing::warn!(group = %self.name, slink = nr, "slink not removed: {e}"),
+            }
+        }
+        for ((dev, rep, opened), claim) in r.replacements {
+            let nr = rep.slink_nr;
+            let Some(h) = self.group.handler(nr) else { continue };
+            // The old replica's claim goes with it, once no I/O to it is in flight.
+            if let Err(e) = h.attach(dev, &rep.path, self.handle.dev_bytes) {
+                tracing::warn!(group = %self.name, slink = nr, device = dev, "replacement replica not attached: {e}");
+                continue;
+            }
+            h.keep_claim(dev, claim);
+            // Its dirty log starts all dirty: the new replica is copied in full.
+            let opened = opened.map(|(log, _)| (log, true));
+            if let Err(e) = attach_opened(&self.group, dev, &rep, self.handle.dev_bytes, opened) {
+                tracing::warn!(group = %self.name, slink = nr, device = dev, "replacement dirty log not attached: {e}");
+                continue;
+            }
+            tracing::info!(group = %self.name, slink = nr, device = dev, path = %rep.path, "replica replaced: initial copy");
+            let mut declared = self.handle.declared.lock();
+            declared.retain(|(s, d, _)| !(*s == nr && *d == dev));
+            declared.push((nr, dev, rep.path.clone()));
         }
         for (setup, reps) in r.new_slinks {
             let nr = setup.nr;

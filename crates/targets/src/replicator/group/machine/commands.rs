@@ -52,6 +52,7 @@ impl Machine {
                 _ => return Err(GroupError::Statistics(cmd)),
             },
             Control::Invalidate(slink) => return self.invalidate(now, slink),
+            Control::RemoveSlink(nr) => self.remove_slink(nr, &mut fx)?,
             Control::Freeze(on) => {
                 self.frozen = on;
                 info!(group = %self.name, "group writes {}", if on { "held (control device suspended)" } else { "released" });
@@ -223,5 +224,25 @@ impl Machine {
         rt.resync.done = false;
         rt.resync.cursor = (0, 0);
         Ok(Effects { flush: logs, wake_copiers: true, ..Default::default() })
+    }
+
+    fn remove_slink(&mut self, nr: SlinkNr, fx: &mut Effects) -> Result<(), GroupError> {
+        if nr == 0 {
+            return Err(GroupError::Slink0("removed"));
+        }
+        let rt = self.slinks.remove(&nr).ok_or(GroupError::NoSlink(nr))?;
+        for d in rt.handler.devices() {
+            rt.handler.detach(d);
+        }
+        self.dirty.retain(|(s, _), _| *s != nr);
+        self.in_copy.retain(|k| k.0 != nr);
+        self.touched.retain(|k| k.0 != nr);
+        self.missed.retain(|k| k.0 != nr);
+        for a in self.release(nr, Seq::MAX) {
+            fx.ok(a.req, a.done);
+        }
+        self.prune_cache();
+        info!(group = %self.name, slink = nr, "slink removed from the group");
+        Ok(())
     }
 }

@@ -259,6 +259,9 @@ pub(crate) enum Control {
     },
     Shipping(bool),
     Statistics(String),
+    /// Take an SLINK out of the group (a reload left it out): its copier stops, writes
+    /// stop waiting for it, its dirty logs and devices are let go.
+    RemoveSlink(SlinkNr),
     /// Hold (true) or release (false) the group's writes: the control device is
     /// suspended or resumed.
     Freeze(bool),
