@@ -25,6 +25,17 @@ fn table_text(file: Option<PathBuf>, text: Option<String>) -> Result<String> {
     }
 }
 
+/// `--timeout` seconds as milliseconds (none given: the daemon's default).
+fn millis(secs: Option<f64>) -> Result<Option<u64>> {
+    match secs {
+        None => Ok(None),
+        Some(s) if !s.is_finite() || !(0.0..=86400.0).contains(&s) => {
+            bail!("--timeout: expected seconds from 0 to 86400, found {s}")
+        }
+        Some(s) => Ok(Some((s * 1000.0).round() as u64)),
+    }
+}
+
 fn read_stdin() -> Result<String> {
     let mut s = String::new();
     std::io::stdin().read_to_string(&mut s).context("reading table from standard input")?;
@@ -40,8 +51,8 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
             (Request::Load { name, table: table_text(table_file, table)? }, false)
         }
         Command::Clear { name } => (Request::Clear { name }, false),
-        Command::Suspend { name } => (Request::Suspend { name }, false),
-        Command::Resume { name } => (Request::Resume { name }, false),
+        Command::Suspend { name, timeout } => (Request::Suspend { name, timeout_ms: millis(timeout)? }, false),
+        Command::Resume { name, timeout } => (Request::Resume { name, timeout_ms: millis(timeout)? }, false),
         Command::Remove { name, force } => (Request::Remove { name, force }, false),
         Command::Rename { name, new_name } => (Request::Rename { name, new_name }, false),
         Command::Status { name, json } => (Request::Status { name }, json),

@@ -56,16 +56,34 @@ pub enum Command {
         name: String,
     },
     /// Hold new I/O and wait for in-flight I/O to finish. Nothing is failed.
+    ///
+    /// If in-flight requests do not finish within --timeout (a target holds them, e.g.
+    /// writes waiting for a synchronous SLINK that is down), the suspend gives up: the
+    /// device is active again and the command fails saying how many are still held.
     Suspend {
         /// The device.
         name: String,
+        /// Seconds to wait for in-flight I/O, fractions allowed [default: 10]
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
     },
     /// Swap in a loaded table (if any) and let I/O flow again.
+    ///
+    /// Swapping needs the device quiet: a device not suspended yet is suspended first,
+    /// waiting at most --timeout for in-flight I/O (else the old table stays active and
+    /// the new one loaded).
     Resume {
         /// The device.
         name: String,
+        /// Seconds to wait for in-flight I/O before a swap, fractions allowed [default: 10]
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
     },
     /// Remove a device. Refused while an NBD client has it open, unless --force.
+    ///
+    /// Requests the device's targets still hold (writes waiting for a synchronous SLINK
+    /// that is down) fail with ESHUTDOWN after a 3 s grace period, also while a suspend
+    /// waits for them.
     Remove {
         /// The device.
         name: String,

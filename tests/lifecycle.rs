@@ -268,3 +268,119 @@ fn suspending_the_control_device_holds_the_whole_group() {
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(read_at(std::path::Path::new(&rd1), 0, 4), vec![0x33; 4]);
 }
+
+// ---------------------------------------------------------------------------------
+// Requests a target holds (issue 8): a suspend waits for them only so long, and never
+// keeps a removal or a resume waiting.
+
+/// A paper-form group `r0` whose SLINK 1 is synchronous and paused (what a down
+/// synchronous SLINK does to writes), and a client whose write to `r0-0` the group
+/// holds. When let go, the client prints `WRITE OK` or `WRITE ERR <errno name>`.
+fn group_holding_a_write(d: &Daemon) -> HoldingClient {
+    let ld = d.make_file_s("ld", 16 * MIB);
+    let rd = d.make_file_s("rd", 16 * MIB);
+    let log = d.make_file_s("replog", 8 * MIB);
+    d.create(
+        "r0",
+        &format!(
+            "0 32768 replicator default 4 {log} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+             local 2 1 synchronous 2 0 {rd} core 2 2048 nosync"
+        ),
+    );
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    let client = HoldingClient::start(
+        &d.uri("r0-0"),
+        "c = h.aio_pwrite(b'\\x22' * 4096, 0)",
+        "import errno\n\
+         try:\n    while not h.aio_command_completed(c):\n        h.poll(-1)\n    print('WRITE OK')\n\
+         except nbd.Error as e:\n    print('WRITE ERR', errno.errorcode.get(e.errno, e.errno))",
+    );
+    let held = wait_until(Duration::from_secs(10), || {
+        d.json(&["status", "r0"])[0]["segments"][0]["detail"]["awaiting_writes"] == 1
+    });
+    assert!(held, "the write waits for the synchronous SLINK");
+    client
+}
+
+/// `dmrep suspend NAME` in the background (it may wait).
+fn spawn_cli(d: &Daemon, args: &[&str]) -> KillOnDrop {
+    KillOnDrop(d.cli_cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+}
+
+fn stderr_of(c: &mut KillOnDrop) -> String {
+    let mut s = String::new();
+    use std::io::Read;
+    c.0.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+/// The user's report: `suspend` of a device whose write waits for a down synchronous
+/// SLINK blocked forever, and `remove --force` queued behind it. Now the removal goes
+/// ahead at once (the held write fails with ESHUTDOWN after the grace period) and the
+/// suspend returns.
+#[test]
+fn remove_force_does_not_wait_behind_a_suspend_of_a_device_holding_a_write() {
+    require!("nbdsh");
+    let d = Daemon::start();
+    let client = group_holding_a_write(&d);
+    let mut suspend = spawn_cli(&d, &["suspend", "r0-0"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || d.info("r0-0")["state"] == "suspended"),
+        "the suspend closes the gate and waits"
+    );
+    let t0 = Instant::now();
+    d.cli_ok(&["remove", "--force", "r0"]);
+    eprintln!("remove --force took {:?}", t0.elapsed());
+    let st = suspend.wait_timeout(Duration::from_secs(30)).expect("the suspend returns once the device is removed");
+    let err = stderr_of(&mut suspend);
+    assert!(!st.success(), "{err}");
+    // Removed under it, or (on a very slow machine) given up first: either way it ended.
+    assert!(
+        err.contains("dmrep: device r0-0 was removed while waiting for its in-flight requests")
+            || err.contains("dmrep: suspend of r0-0 gave up after 10 s"),
+        "{err}"
+    );
+    assert!(d.names().is_empty(), "{:?}", d.names());
+    let (_, out) = client.finish();
+    assert!(out.contains("WRITE ERR ESHUTDOWN"), "the held write fails with ESHUTDOWN: {out}");
+}
+
+/// A suspend that cannot drain gives up after its timeout, saying why, and leaves the
+/// device active; one that waits is cancelled by `resume`, which does not queue behind
+/// it (nor do other lifecycle requests).
+#[test]
+fn a_suspend_held_up_by_a_down_synchronous_slink_gives_up_or_is_cancelled() {
+    require!("nbdsh");
+    let d = Daemon::start();
+    let client = group_holding_a_write(&d);
+    let e = d.cli_err(&["suspend", "r0-0", "--timeout", "1"]);
+    assert_eq!(
+        e,
+        "dmrep: suspend of r0-0 gave up after 1 s: 1 request(s) still in flight, held by its target \
+         (e.g. writes waiting for a synchronous SLINK that is down); the device is active again \
+         (retry later, or `dmrep remove --force` fails them)"
+    );
+    assert_eq!(d.info("r0-0")["state"], "active");
+
+    let mut suspend = spawn_cli(&d, &["suspend", "r0-0", "--timeout", "600"]);
+    assert!(wait_until(Duration::from_secs(10), || d.info("r0-0")["state"] == "suspended"));
+    // Lifecycle requests are not serialised behind the waiting suspend.
+    d.cli_ok(&["message", "r0", "0", "statistics", "on"]);
+    d.cli_ok(&["resume", "r0-0"]);
+    let st = suspend.wait_timeout(Duration::from_secs(30)).expect("resume ends the waiting suspend");
+    let err = stderr_of(&mut suspend);
+    assert!(!st.success(), "{err}");
+    assert_eq!(
+        err.trim(),
+        "dmrep: suspend of r0-0 did not complete: the device was resumed while it waited for in-flight requests"
+    );
+    assert_eq!(d.info("r0-0")["state"], "active");
+
+    // The SLINK comes back: the write completes, and a suspend now drains at once.
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "resume"]);
+    let (_, out) = client.finish();
+    assert!(out.contains("WRITE OK"), "{out}");
+    d.cli_ok(&["suspend", "r0-0", "--timeout", "5"]);
+    assert_eq!(d.info("r0-0")["state"], "suspended");
+    d.cli_ok(&["resume", "r0-0"]);
+}

@@ -1,12 +1,15 @@
 //! The daemon's state: devices, their tables, and the answers to control requests.
 //!
 //! Lifecycle requests (create, load, resume, suspend, remove, rename, message) are
-//! serialised by one lock; read-only requests (status, info, table, ls) take none, so
-//! they answer even while a suspend waits for in-flight I/O.
+//! serialised by one lock; read-only requests (status, info, table, ls) take none. The
+//! lock is never held while a device waits for its in-flight I/O (suspend, or a resume
+//! that swaps tables): that wait is bounded, and a removal (which fails the requests it
+//! waits for) or a resume (which cancels it) must not queue behind it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use dmrep_core::device::LiveTable;
+use dmrep_core::device::{LiveTable, Quiesce, SUSPEND_TIMEOUT};
 use dmrep_core::target::{Op, Request as IoRequest};
 use dmrep_core::{BuildContext, DeviceRegistry, MappedDevice, TargetRegistry};
 use dmrep_formats::control::{DeviceStatus, DeviceTable, Request, Response, SegmentStatus, PROTOCOL_VERSION};
@@ -169,7 +172,8 @@ impl Daemon {
             }
         };
         dev.load(live);
-        dev.resume();
+        // A new device has no I/O in flight: nothing to wait for.
+        dev.resume(SUSPEND_TIMEOUT)?;
         Ok(())
     }
 
@@ -247,16 +251,31 @@ impl Daemon {
                 self.device(&name)?.clear_inactive();
                 Ok(Response::Ok)
             }
-            Request::Suspend { name } => {
-                let _g = self.ops.lock();
-                self.device(&name)?.suspend();
+            Request::Suspend { name, timeout_ms } => {
+                let dev = {
+                    let _g = self.ops.lock();
+                    self.device(&name)?
+                };
+                // Not under `ops`: see the module documentation.
+                dev.suspend(timeout_of(timeout_ms))?;
                 info!(device = %name, "suspended");
                 Ok(Response::Ok)
             }
-            Request::Resume { name } => {
+            Request::Resume { name, timeout_ms } => {
+                let timeout = timeout_of(timeout_ms);
+                let dev = {
+                    let _g = self.ops.lock();
+                    self.device(&name)?
+                };
+                // A swap needs the device quiet: wait for that first, not under `ops`.
+                if dev.inactive_table().is_some() {
+                    dev.quiesce(timeout, Quiesce::Swap)?;
+                }
                 let _g = self.ops.lock();
-                let dev = self.device(&name)?;
-                if dev.resume() {
+                if !self.devices.get(&name).is_some_and(|d| Arc::ptr_eq(&d, &dev)) {
+                    return Err(dmrep_core::device::DeviceError::Removed(name).into());
+                }
+                if dev.resume(timeout)? {
                     let rec = record_of(&dev).expect("resumed with a table");
                     self.persist(|r| match r.iter_mut().find(|x| x.uuid == rec.uuid) {
                         Some(x) => x.table = rec.table,
@@ -414,4 +433,9 @@ fn record_of(d: &MappedDevice) -> Option<DeviceRecord> {
         table: t.spec.to_string(),
         companion_of: None,
     })
+}
+
+/// How long a suspend (or a swapping resume) waits for in-flight I/O.
+fn timeout_of(ms: Option<u64>) -> Duration {
+    ms.map(Duration::from_millis).unwrap_or(SUSPEND_TIMEOUT)
 }

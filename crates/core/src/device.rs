@@ -4,10 +4,18 @@
 //! *inactive* one (loaded, waiting for resume). Suspend stops new I/O from reaching the
 //! targets and waits for in-flight I/O to finish; requests that arrive while suspended
 //! are held (their submitting threads wait) and go on after resume: none is failed.
+//!
+//! Waiting for in-flight I/O is bounded: a target may hold a request for as long as
+//! what it waits for takes (a write waiting for a synchronous SLINK that is down). A
+//! suspend that could not drain in time gives up and opens the gate again (the device
+//! is active, as before; the kernel rolls back an interrupted suspend the same way). A
+//! waiting suspend holds no lock that removal or resume need: removal fails the held
+//! requests and ends the wait at once, a resume cancels it.
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dmrep_formats::table::{SegmentSpec, TableSpec};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -75,6 +83,12 @@ pub use dmrep_formats::control::{DeviceInfo, DeviceState};
 /// leave room for a slow device without letting a dead one block removal or SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How long a suspend waits for in-flight requests unless told otherwise: requests
+/// normally finish in milliseconds, and a slow disk in well under a second; one still
+/// in flight after 10 s waits for something that may not come soon (a synchronous
+/// SLINK that is down), and an operator is better told so than left waiting.
+pub const SUSPEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// In-flight accounting and the suspend gate.
 struct Gate {
     state: Mutex<GateState>,
@@ -82,7 +96,16 @@ struct Gate {
 }
 
 struct GateState {
+    /// The gate is closed: new I/O waits (a suspend is waiting for in-flight I/O, or done).
     suspended: bool,
+    /// The suspend is done: in-flight I/O drained and the targets told (postsuspend).
+    quiet: bool,
+    /// Grows each time the gate closes or opens: a waiting suspend whose generation is
+    /// gone was overtaken (resumed, or given up by another waiter).
+    generation: u64,
+    /// The generation a suspend that gave up left behind, and how many requests were
+    /// still in flight then (for the other suspends that waited with it).
+    gave_up: Option<(u64, u64)>,
     /// Removed: new I/O fails with ESHUTDOWN instead of waiting.
     dead: bool,
     inflight: u64,
@@ -128,8 +151,18 @@ pub struct MappedDevice {
     inactive: Mutex<Option<Arc<LiveTable>>>,
     gate: Arc<Gate>,
     open_count: AtomicU32,
-    /// Serialises suspend/resume/load against each other.
+    /// Serialises suspend/resume/load against each other (never held while a suspend
+    /// waits for in-flight I/O).
     lifecycle: Mutex<()>,
+}
+
+/// What waited for a device's in-flight requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiesce {
+    /// `suspend`.
+    Suspend,
+    /// `resume` swapping in a loaded table (which needs the device quiet).
+    Swap,
 }
 
 /// Errors of device lifecycle operations.
@@ -139,6 +172,32 @@ pub enum DeviceError {
     NoInactiveTable(String),
     #[error("device {name} is open {count} time(s)")]
     Busy { name: String, count: u32 },
+    #[error(
+        "{} {name} gave up after {}: {inflight} request(s) still in flight, held by its target \
+         (e.g. writes waiting for a synchronous SLINK that is down); {}",
+        match during { Quiesce::Suspend => "suspend of", Quiesce::Swap => "resume of" },
+        secs(*waited),
+        match during {
+            Quiesce::Suspend => "the device is active again (retry later, or `dmrep remove --force` fails them)",
+            Quiesce::Swap => "the loaded table was not swapped in: the old one stays active, the new one stays loaded",
+        }
+    )]
+    NotDrained { name: String, inflight: u64, waited: Duration, during: Quiesce },
+    #[error("suspend of {0} did not complete: the device was resumed while it waited for in-flight requests")]
+    SuspendCancelled(String),
+    #[error("device {0} was removed while waiting for its in-flight requests")]
+    Removed(String),
+}
+
+/// `10 s`, `1.5 s`, `250 ms`: a wait as a user reads it.
+fn secs(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 impl MappedDevice {
@@ -150,7 +209,14 @@ impl MappedDevice {
             live: RwLock::new(None),
             inactive: Mutex::new(None),
             gate: Arc::new(Gate {
-                state: Mutex::new(GateState { suspended: false, dead: false, inflight: 0 }),
+                state: Mutex::new(GateState {
+                    suspended: false,
+                    quiet: false,
+                    generation: 0,
+                    gave_up: None,
+                    dead: false,
+                    inflight: 0,
+                }),
                 cond: Condvar::new(),
             }),
             open_count: AtomicU32::new(0),
@@ -217,13 +283,72 @@ impl MappedDevice {
         }
     }
 
-    /// Hold new I/O and wait for in-flight I/O to finish.
-    pub fn suspend(&self) {
-        let _l = self.lifecycle.lock();
-        self.suspend_locked();
+    /// Hold new I/O and wait, up to `timeout`, for in-flight I/O to finish.
+    ///
+    /// The wait holds no lock: [`MappedDevice::shutdown`] ends it at once (the device
+    /// is removed), [`MappedDevice::resume`] cancels it. A device that does not drain in
+    /// time is let go again (active, as before) and the error says how many requests
+    /// its targets still hold. Suspending a suspended device does nothing; a suspend
+    /// while another one waits waits with it.
+    pub fn suspend(&self, timeout: Duration) -> Result<(), DeviceError> {
+        self.quiesce(timeout, Quiesce::Suspend)
     }
 
-    fn suspend_locked(&self) {
+    /// Suspend for `during`: see [`MappedDevice::suspend`]. (`Quiesce::Swap`: a resume
+    /// that is about to swap tables waits first, with nothing locked.)
+    pub fn quiesce(&self, timeout: Duration, during: Quiesce) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + timeout;
+        let gen = {
+            let _l = self.lifecycle.lock();
+            match self.close_gate()? {
+                Some(gen) => gen,
+                None => return Ok(()),
+            }
+        };
+        self.wait_drained(gen, deadline);
+        let _l = self.lifecycle.lock();
+        let mut st = self.gate.state.lock();
+        if st.dead {
+            return Err(DeviceError::Removed(self.name()));
+        }
+        if st.generation != gen {
+            return Err(match st.gave_up {
+                Some((g, inflight)) if g == gen => {
+                    DeviceError::NotDrained { name: self.name(), inflight, waited: timeout, during }
+                }
+                _ => DeviceError::SuspendCancelled(self.name()),
+            });
+        }
+        if st.quiet {
+            return Ok(());
+        }
+        if st.inflight == 0 {
+            st.quiet = true;
+            drop(st);
+            self.postsuspend_targets();
+            return Ok(());
+        }
+        // Give up: open the gate again, as it was.
+        let inflight = st.inflight;
+        st.gave_up = Some((gen, inflight));
+        drop(st);
+        self.open_gate();
+        tracing::warn!(device = %self.name(), inflight, "suspend gave up: requests still in flight");
+        Err(DeviceError::NotDrained { name: self.name(), inflight, waited: timeout, during })
+    }
+
+    /// Close the gate (lifecycle lock held): `None` if the device is suspended already
+    /// (drained), else the generation to wait for.
+    fn close_gate(&self) -> Result<Option<u64>, DeviceError> {
+        {
+            let st = self.gate.state.lock();
+            if st.dead {
+                return Err(DeviceError::Removed(self.name()));
+            }
+            if st.suspended {
+                return Ok((!st.quiet).then_some(st.generation));
+            }
+        }
         if let Some(t) = self.live.read().as_ref() {
             for s in &t.segments {
                 s.target.presuspend();
@@ -231,10 +356,24 @@ impl MappedDevice {
         }
         let mut st = self.gate.state.lock();
         st.suspended = true;
-        while st.inflight > 0 {
-            self.gate.cond.wait(&mut st);
+        st.quiet = false;
+        st.generation += 1;
+        Ok(Some(st.generation))
+    }
+
+    /// Wait until the requests in flight are done, the device is removed, the gate's
+    /// generation moves on, or `deadline`. Holds no lock but the gate's (released while
+    /// waiting).
+    fn wait_drained(&self, gen: u64, deadline: Instant) {
+        let mut st = self.gate.state.lock();
+        while st.inflight > 0 && !st.dead && st.generation == gen {
+            if self.gate.cond.wait_until(&mut st, deadline).timed_out() {
+                break;
+            }
         }
-        drop(st);
+    }
+
+    fn postsuspend_targets(&self) {
         if let Some(t) = self.live.read().as_ref() {
             for s in &t.segments {
                 s.target.postsuspend();
@@ -242,42 +381,98 @@ impl MappedDevice {
         }
     }
 
-    /// Swap in the inactive table, if there is one, and let I/O flow again.
-    /// Returns whether a table was swapped in. A device without any table stays empty.
-    pub fn resume(&self) -> bool {
-        let _l = self.lifecycle.lock();
-        let next = self.inactive.lock().take();
-        let swapped = next.is_some();
-        if let Some(next) = next {
-            // A swap needs the device quiet, whatever state it is in now.
-            if !self.gate.state.lock().suspended {
-                self.suspend_locked();
-            }
-            let old = self.live.write().replace(next);
-            if let Some(old) = old {
-                old.shutdown();
-            }
-        }
+    /// Tell the targets and let I/O flow (lifecycle lock held). Cancels waiting suspends.
+    fn open_gate(&self) {
         if let Some(t) = self.live.read().as_ref() {
             for s in &t.segments {
                 s.target.resume();
             }
         }
         let mut st = self.gate.state.lock();
-        st.suspended = false;
+        if st.suspended {
+            st.suspended = false;
+            st.quiet = false;
+            st.generation += 1;
+        }
         self.gate.cond.notify_all();
-        swapped
+    }
+
+    /// Swap in the inactive table, if there is one, and let I/O flow again. Returns
+    /// whether a table was swapped in. A device without any table stays empty.
+    ///
+    /// A swap needs the device quiet: if it is not suspended yet, it is suspended first
+    /// (waiting up to `timeout`, see [`MappedDevice::suspend`]); if that does not drain,
+    /// the loaded table stays loaded, the device goes on with the old one, and the error
+    /// says why. Either way a suspend waiting for in-flight I/O is cancelled.
+    pub fn resume(&self, timeout: Duration) -> Result<bool, DeviceError> {
+        let _l = self.lifecycle.lock();
+        let next = self.inactive.lock().take();
+        let mut result = Ok(false);
+        if let Some(next) = next {
+            match self.drain_locked(timeout) {
+                Ok(()) => {
+                    let old = self.live.write().replace(next);
+                    if let Some(old) = old {
+                        old.shutdown();
+                    }
+                    result = Ok(true);
+                }
+                Err(e) => {
+                    *self.inactive.lock() = Some(next);
+                    if matches!(e, DeviceError::Removed(_)) {
+                        return Err(e);
+                    }
+                    result = Err(e);
+                }
+            }
+        }
+        if self.gate.state.lock().dead {
+            return Err(DeviceError::Removed(self.name()));
+        }
+        self.open_gate();
+        result
+    }
+
+    /// Suspend with the lifecycle lock held (a resume about to swap tables). Only a
+    /// race makes this wait: the daemon quiesces the device before it resumes.
+    fn drain_locked(&self, timeout: Duration) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + timeout;
+        let Some(gen) = self.close_gate()? else { return Ok(()) };
+        self.wait_drained(gen, deadline);
+        let mut st = self.gate.state.lock();
+        if st.dead {
+            return Err(DeviceError::Removed(self.name()));
+        }
+        if st.inflight > 0 {
+            return Err(DeviceError::NotDrained {
+                name: self.name(),
+                inflight: st.inflight,
+                waited: timeout,
+                during: Quiesce::Swap,
+            });
+        }
+        if !st.quiet {
+            st.quiet = true;
+            drop(st);
+            self.postsuspend_targets();
+        }
+        Ok(())
     }
 
     /// Quiesce and shut the targets down (device removal). Requests held by a suspend
-    /// and any that arrive later fail with ESHUTDOWN.
+    /// and any that arrive later fail with ESHUTDOWN; a suspend or resume waiting for
+    /// in-flight requests stops waiting at once.
     pub fn shutdown(&self) {
-        let _l = self.lifecycle.lock();
         {
+            // Before the lifecycle lock: a waiting resume may hold it until it sees this.
             let mut st = self.gate.state.lock();
             st.dead = true;
             self.gate.cond.notify_all();
-            let mut deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        }
+        let _l = self.lifecycle.lock();
+        {
+            let mut st = self.gate.state.lock();
+            let mut deadline = Instant::now() + SHUTDOWN_GRACE;
             let mut warned = false;
             while st.inflight > 0 {
                 if !self.gate.cond.wait_until(&mut st, deadline).timed_out() || st.inflight == 0 {
@@ -295,7 +490,7 @@ impl MappedDevice {
                     t.segments.iter().for_each(|s| s.target.cancel());
                 }
                 st = self.gate.state.lock();
-                deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                deadline = Instant::now() + Duration::from_secs(1);
             }
         }
         if let Some(t) = self.live.write().take() {
@@ -545,7 +740,7 @@ mod tests {
                 .collect(),
         };
         dev.load(LiveTable::new(spec, targets.iter().map(|t| t.clone() as Arc<dyn Target>).collect()));
-        dev.resume();
+        dev.resume(SUSPEND_TIMEOUT).unwrap();
         (dev, targets)
     }
 
@@ -560,6 +755,123 @@ mod tests {
         // Past the end is still an error.
         let (_, r) = dev.submit_wait(Request::new(Op::Read, 8193, 0, Vec::new(), 0));
         assert_eq!(r.unwrap_err().raw_os_error(), Some(22));
+    }
+
+    /// A target that holds every write until told to let go (like a write waiting for
+    /// a synchronous SLINK that is down); `cancel` fails them with ESHUTDOWN.
+    #[derive(Default)]
+    struct Holding(Mutex<Vec<(Request, Completion)>>);
+
+    impl Target for Holding {
+        fn type_name(&self) -> &'static str {
+            "holding"
+        }
+        fn submit(&self, req: Request, done: Completion) {
+            match req.op {
+                Op::Read => done.complete(req, Ok(())),
+                _ => self.0.lock().push((req, done)),
+            }
+        }
+        fn cancel(&self) {
+            for (req, done) in self.0.lock().drain(..) {
+                done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error())));
+            }
+        }
+    }
+
+    impl Holding {
+        fn release(&self) {
+            for (req, done) in self.0.lock().drain(..) {
+                done.complete(req, Ok(()));
+            }
+        }
+    }
+
+    /// A one-segment device over a [`Holding`] target with one write held.
+    fn holding_device() -> (Arc<MappedDevice>, Arc<Holding>, Arc<WaitSink>) {
+        let dev = MappedDevice::new("h", None);
+        let target = Arc::new(Holding::default());
+        let spec = TableSpec {
+            segments: vec![SegmentSpec { start: 0, len: 8, target: "holding".into(), args: vec![], line: 0 }],
+        };
+        dev.load(LiveTable::new(spec, vec![target.clone() as Arc<dyn Target>]));
+        dev.resume(SUSPEND_TIMEOUT).unwrap();
+        let sink = Arc::new(WaitSink::default());
+        dev.submit(Request::new(Op::Write { fua: false }, 0, 512, vec![1; 512], 7), sink.clone());
+        assert_eq!(target.0.lock().len(), 1);
+        (dev, target, sink)
+    }
+
+    /// Wait (bounded) until the device's gate is closed.
+    fn wait_suspended(dev: &MappedDevice) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while dev.state() != DeviceState::Suspended {
+            assert!(Instant::now() < end, "the suspend did not close the gate");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_suspend_that_cannot_drain_gives_up_and_the_device_is_active_again() {
+        let (dev, target, sink) = holding_device();
+        let e = dev.suspend(Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, DeviceError::NotDrained { inflight: 1, during: Quiesce::Suspend, .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.starts_with("suspend of h gave up after 100 ms: 1 request(s) still in flight"), "{text}");
+        assert!(text.contains("the device is active again"), "{text}");
+        assert_eq!(dev.state(), DeviceState::Active);
+        // New I/O flows; the held write completes when its target lets go.
+        let (_, r) = dev.submit_wait(Request::new(Op::Read, 0, 512, vec![0; 512], 1));
+        r.unwrap();
+        target.release();
+        sink.wait().1.unwrap();
+        dev.suspend(Duration::from_millis(100)).unwrap();
+        assert_eq!(dev.state(), DeviceState::Suspended);
+    }
+
+    #[test]
+    fn removal_ends_a_waiting_suspend_and_fails_the_held_request() {
+        let (dev, _target, sink) = holding_device();
+        let d = dev.clone();
+        let suspend = std::thread::spawn(move || d.suspend(Duration::from_secs(600)));
+        wait_suspended(&dev);
+        let t0 = Instant::now();
+        dev.shutdown();
+        // The grace period, then the target's cancel: never the suspend's 600 s.
+        assert!(t0.elapsed() < SHUTDOWN_GRACE + Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert!(matches!(suspend.join().unwrap(), Err(DeviceError::Removed(_))));
+        assert_eq!(sink.wait().1.unwrap_err().raw_os_error(), Some(rustix::io::Errno::SHUTDOWN.raw_os_error()));
+    }
+
+    #[test]
+    fn resume_cancels_a_waiting_suspend() {
+        let (dev, target, sink) = holding_device();
+        let d = dev.clone();
+        let suspend = std::thread::spawn(move || d.suspend(Duration::from_secs(600)));
+        wait_suspended(&dev);
+        assert!(!dev.resume(SUSPEND_TIMEOUT).unwrap());
+        let e = suspend.join().unwrap().unwrap_err();
+        assert!(matches!(e, DeviceError::SuspendCancelled(_)), "{e:?}");
+        assert_eq!(dev.state(), DeviceState::Active);
+        target.release();
+        sink.wait().1.unwrap();
+    }
+
+    #[test]
+    fn a_swap_that_cannot_drain_keeps_the_old_table_and_the_loaded_one() {
+        let (dev, target, sink) = holding_device();
+        let spec = TableSpec {
+            segments: vec![SegmentSpec { start: 0, len: 16, target: "counting".into(), args: vec![], line: 0 }],
+        };
+        dev.load(LiveTable::new(spec, vec![Arc::new(Counting(0.into())) as Arc<dyn Target>]));
+        let e = dev.resume(Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, DeviceError::NotDrained { during: Quiesce::Swap, .. }), "{e:?}");
+        assert!(e.to_string().contains("the loaded table was not swapped in"), "{e}");
+        assert_eq!((dev.state(), dev.size(), dev.inactive_table().is_some()), (DeviceState::Active, 4096, true));
+        target.release();
+        sink.wait().1.unwrap();
+        assert!(dev.resume(Duration::from_millis(100)).unwrap());
+        assert_eq!(dev.size(), 8192);
     }
 
     #[test]

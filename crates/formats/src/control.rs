@@ -8,11 +8,12 @@
 //!
 //! Versions (one line per version, what changed):
 //! - 1: first version.
+//! - 2: `timeout_ms` on suspend and resume (a suspend that cannot drain gives up).
 
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest accepted line: a table of a few thousand segments fits in 1 MiB; more is
 /// a runaway client.
@@ -53,11 +54,19 @@ pub enum Request {
     Clear {
         name: String,
     },
+    /// Hold new I/O and wait for in-flight I/O, at most `timeout_ms` (default: the
+    /// daemon's); a device that does not drain in time is active again and it is an error.
     Suspend {
         name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
     },
+    /// Swap in the inactive table (if any; waiting at most `timeout_ms` for in-flight
+    /// I/O first) and release held I/O.
     Resume {
         name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
     },
     Remove {
         name: String,

@@ -235,7 +235,7 @@ impl Fixture {
         }
         let dyn_targets: Vec<Arc<dyn Target>> = targets.iter().map(|t| t.clone() as Arc<dyn Target>).collect();
         dev.load(LiveTable::new(TableSpec { segments: specs }, dyn_targets));
-        dev.resume();
+        dev.resume(dmrep_core::device::SUSPEND_TIMEOUT).unwrap();
         (dev, targets)
     }
 
@@ -368,7 +368,7 @@ fn serve_for_benchmark() {
             let spec = SegmentSpec { start: 0, len: sectors, target: "filetest".into(), args: Vec::new(), line: 0 };
             let t: Arc<dyn Target> = Arc::new(FileTarget(backend));
             dev.load(LiveTable::new(TableSpec { segments: vec![spec] }, vec![t]));
-            dev.resume();
+            dev.resume(dmrep_core::device::SUSPEND_TIMEOUT).unwrap();
         }
     }
     eprintln!("serving {} for {secs} s", f.uri("mem"));

@@ -471,7 +471,7 @@ fn suspended_device_holds_requests() {
     c.write(0, 1, 0, &[5u8; 4096]);
     assert_eq!(c.simple(0).0, 0);
 
-    dev.suspend();
+    dev.suspend(dmrep_core::device::SUSPEND_TIMEOUT).unwrap();
     c.request(Command::Read, 0, 2, 0, 4096);
     c.write(0, 3, 4096, &[6u8; 4096]);
     // Held, not failed: nothing comes back while suspended.
@@ -480,7 +480,7 @@ fn suspended_device_holds_requests() {
     let e = c.s.read(&mut b).unwrap_err();
     assert!(matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
     c.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    dev.resume();
+    dev.resume(dmrep_core::device::SUSPEND_TIMEOUT).unwrap();
     let mut got = Vec::new();
     for _ in 0..2 {
         let mut h = [0u8; SimpleReplyHeader::LEN];
