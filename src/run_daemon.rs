@@ -73,15 +73,16 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
         daemon.devices().clone(),
         NbdConfig { workers_per_conn: args.nbd_workers.max(1), ..NbdConfig::default() },
     );
-    prepare_socket_dir(&args.nbd_unix)?;
-    clear_stale_socket(&args.nbd_unix)?;
-    nbd.listen_unix(&args.nbd_unix).with_context(|| format!("NBD socket {}", args.nbd_unix.display()))?;
-    let tcp = match &args.nbd_listen {
-        Some(a) => Some(nbd.listen_tcp(a).with_context(|| format!("NBD listen address {a}"))?),
-        None => None,
+    // A start that fails from here on undoes what it did: no socket file (NBD or
+    // control) is left behind, and the restored devices stop cleanly.
+    let (tcp, control) = match listen(args, &nbd, &daemon, &control_path) {
+        Ok(l) => l,
+        Err(e) => {
+            nbd.shutdown();
+            daemon.shutdown();
+            return Err(e);
+        }
     };
-    let control = ControlServer::start(daemon.clone(), &control_path)
-        .with_context(|| format!("control socket {}", control_path.display()))?;
     info!(
         control = %control_path.display(),
         nbd_unix = %args.nbd_unix.display(),
@@ -89,6 +90,27 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
         "dmrep daemon ready"
     );
     Ok(Running { daemon, nbd, control, tcp })
+}
+
+/// Open the NBD listeners and the control socket. On error the caller shuts `nbd`
+/// down, which removes the NBD socket file if it is still ours.
+fn listen(
+    args: &DaemonArgs,
+    nbd: &Arc<NbdServer>,
+    daemon: &Arc<Daemon>,
+    control_path: &std::path::Path,
+) -> Result<(Option<std::net::SocketAddr>, ControlServer)> {
+    let nbd_sock = || format!("NBD socket {}", args.nbd_unix.display());
+    prepare_socket_dir(&args.nbd_unix).with_context(nbd_sock)?;
+    clear_stale_socket(&args.nbd_unix).with_context(nbd_sock)?;
+    nbd.listen_unix(&args.nbd_unix).with_context(nbd_sock)?;
+    let tcp = match &args.nbd_listen {
+        Some(a) => Some(nbd.listen_tcp(a).with_context(|| format!("NBD listen address {a}"))?),
+        None => None,
+    };
+    let control = ControlServer::start(daemon.clone(), control_path)
+        .with_context(|| format!("control socket {}", control_path.display()))?;
+    Ok((tcp, control))
 }
 
 /// Block until SIGTERM or SIGINT.

@@ -231,3 +231,47 @@ fn demo_no_wait_prints_a_uri_and_exits() {
     assert!(out.contains("synchronous") && out.contains("replicator"), "the demo is the replicated group: {out}");
     assert!(out.contains("nbd://127.0.0.1:"), "{out}");
 }
+
+/// A daemon start that fails after the NBD socket is bound (the TCP address is taken,
+/// the control socket cannot be made) exits with the cause and leaves no socket file
+/// behind (issue 8: the NBD socket stayed), also with a device restored from its state
+/// directory.
+#[test]
+fn a_failed_daemon_start_leaves_no_socket_behind() {
+    let mut d = Daemon::start();
+    let a = d.make_file_s("a.img", MIB);
+    d.create("lin", &format!("0 2048 linear {a} 0"));
+    d.terminate();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let not_a_dir = d.make_file("plain", 0);
+    let bad_control = not_a_dir.join("control.sock");
+    let cases: Vec<(Vec<String>, std::path::PathBuf, String)> = vec![
+        (
+            vec!["--nbd-listen".into(), addr.clone()],
+            d.control.clone(),
+            format!("dmrep: NBD listen address {addr}: Address already in use"),
+        ),
+        (vec![], bad_control.clone(), format!("dmrep: control socket {}: Not a directory", bad_control.display())),
+    ];
+    for (extra, control, want) in cases {
+        let o = run(std::process::Command::new(BIN)
+            .arg("--control")
+            .arg(&control)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(&d.state)
+            .arg("--nbd-unix")
+            .arg(&d.nbd)
+            .args(&extra)
+            .stdin(Stdio::null()));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}", show(&o));
+        assert!(err.contains(&want), "expected {want:?}: {}", show(&o));
+        assert!(!d.nbd.exists(), "the NBD socket was left behind: {}", show(&o));
+        assert!(!control.exists(), "the control socket was left behind: {}", show(&o));
+    }
+    // And a start that works afterwards.
+    d.restart();
+    assert_eq!(d.names(), ["lin"]);
+}

@@ -49,10 +49,15 @@ impl ControlServer {
         prepare_socket_dir(path)?;
         clear_stale_socket(path)?;
         let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        // The socket file is ours from here: gone again if the start fails.
+        let undo = |e: io::Error| {
+            let _ = std::fs::remove_file(path);
+            e
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(undo)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        thread::Builder::new().name("control-accept".into()).spawn(move || {
+        let spawned = thread::Builder::new().name("control-accept".into()).spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     break;
@@ -65,7 +70,8 @@ impl ControlServer {
                     Err(e) => warn!("control accept: {e}"),
                 }
             }
-        })?;
+        });
+        spawned.map_err(undo)?;
         Ok(ControlServer { path: path.to_path_buf(), stop })
     }
 
