@@ -76,3 +76,72 @@ fn corrupted_log_tail_is_truncated_and_sites_reconverge() {
         qemu_io_ok(&d.uri("r0-0"), &[&format!("read -P {} {}k 64k", 0x10 + i, i * 64)]);
     }
 }
+
+/// A small tmpfs mounted for one test (needs root and `mount`), unmounted when dropped.
+struct SmallFs {
+    dir: std::path::PathBuf,
+}
+
+impl SmallFs {
+    /// Mount a tmpfs of `size` (mount's syntax, `4m`) at `dir`; `None` when this
+    /// machine does not let us (not root, no tmpfs).
+    fn mount(dir: std::path::PathBuf, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir));
+        o.status.success().then_some(SmallFs { dir })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Issue 8: creating a log on a file system that fills up failed without saying why
+/// (no errno) and left the space it took allocated. The error names the OS error; an
+/// existing file is as sparse as before (the file system is no fuller than it was), and
+/// a file the table made is removed.
+#[test]
+fn creating_a_log_on_a_full_file_system_names_enospc_and_gives_the_space_back() {
+    use std::os::unix::fs::MetadataExt;
+    require!("mount", "umount");
+    let d = Daemon::start();
+    let Some(fs) = SmallFs::mount(d.path("small"), "4m") else {
+        skip("cannot mount a tmpfs here (mount needs root)");
+        return;
+    };
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd = d.make_file_s("rd", 16 << 20);
+    let log = fs.dir.join("replog");
+    std::fs::File::create(&log).unwrap().set_len(8 << 20).unwrap();
+    let table = format!(
+        "0 32768 replicator default 4 {} 0 create 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+         local 2 1 asynchronous 2 0 {rd} core 2 2048 nosync",
+        log.display()
+    );
+    let e = d.cli_err(&["create", "r0", "--table", &table]);
+    let head = format!(
+        "dmrep: table line 1: replicator: replication log {0}: pre-writing the new log on {0} at byte ",
+        log.display()
+    );
+    assert!(e.starts_with(&head), "{e}");
+    assert!(e.ends_with(": No space left on device (ENOSPC)"), "{e}");
+    assert_eq!(std::fs::metadata(&log).unwrap().blocks(), 0, "the space the attempt took is given back");
+    assert!(d.names().is_empty());
+    // A log file the table creates (it was missing) is removed again.
+    let made = fs.dir.join("made");
+    let e = d.cli_err(&[
+        "create",
+        "r0",
+        "--table",
+        &table.replace(&log.display().to_string(), &made.display().to_string()),
+    ]);
+    assert!(e.ends_with(": No space left on device (ENOSPC)"), "{e}");
+    assert!(!made.exists(), "the log file the failed create made is gone");
+    assert!(d.names().is_empty());
+    // With room for it, the same log is created (the failed attempt left nothing in the way).
+    drop(fs);
+    let big = d.make_file("replog", 8 << 20);
+    d.create("r0", &table.replace(&log.display().to_string(), &big.display().to_string()));
+}

@@ -6,6 +6,7 @@
 //! - [`backend`]: positional block back-ends (regular files and block devices).
 //! - [`claims`]: who uses which bytes of which file (one owner per byte).
 //! - [`device`]: mapped devices: active/inactive tables, suspend/resume, in-flight accounting.
+//! - [`errors`]: error text for users (OS errors by name, causes kept).
 //! - [`registry`]: the set of mapped devices and the target-type registry.
 //! - [`units`]: sector/byte newtypes and conversions, in one place.
 //! - `fault` (feature `test-support`, and this crate's tests): test back-ends, an
@@ -14,6 +15,7 @@
 pub mod backend;
 pub mod claims;
 pub mod device;
+pub mod errors;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod registry;

@@ -549,6 +549,31 @@ fn file_backed_log_with_enospc() {
     assert_eq!(live_ids(&log), (0..700).collect::<Vec<_>>());
 }
 
+/// Creating a log on a file system that fills up (ENOSPC while the ring is pre-written)
+/// fails with the OS error and gives the space it took back: the file is as sparse as
+/// before, with no superblock.
+#[test]
+fn a_failed_create_gives_its_space_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("replog");
+    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    let fb = Arc::new(FaultBackend::new(FileBackend::open(&p).unwrap()));
+    // Two 1 MiB chunks of the ring are written, the third finds the file system full.
+    fb.faults().fail(IoOp::Write, Fault::Enospc, Trigger::After { skip: 2, count: 1 });
+    let b: Arc<dyn BlockBackend> = fb.clone();
+    let err = RingLog::create(b.clone(), 0, 8 << 20).err().expect("create fails");
+    let LogError::Io { source, what, .. } = &err else { panic!("{err}") };
+    assert_eq!((source.raw_os_error(), *what), (Some(28), "pre-writing the new log"));
+    assert_eq!(
+        dmrep_core::errors::with_causes(&err),
+        format!("{err}: No space left on device (ENOSPC)"),
+        "the cause, by name, for the one-line report"
+    );
+    assert_eq!(std::fs::metadata(&p).unwrap().blocks(), 0, "the pre-written ring was given back");
+    assert!(matches!(RingLog::open(b, 0), Err(LogError::NoSuperblock { .. })));
+}
+
 #[test]
 fn inspect_dump_shows_everything() {
     let (_m, b) = mem();

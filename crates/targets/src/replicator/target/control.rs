@@ -235,7 +235,9 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     let log_claim = claiming.claim(lpath, start..start.saturating_add(size), "replication log".to_string())?;
     let log_id = log_claim.file();
     claims.push(log_claim);
-    let log_err = |e: crate::replicator::log::LogError| TargetError::params(T, format!("replication log {lpath}: {e}"));
+    let log_err = |e: crate::replicator::log::LogError| {
+        TargetError::params(T, format!("replication log {lpath}: {}", dmrep_core::errors::with_causes(&e)))
+    };
     let (log, recovery) = match spec.log.open_mode {
         OpenMode::Create => (RingLog::create(backend, start, size).map_err(log_err)?, None),
         OpenMode::Open => {
