@@ -145,3 +145,43 @@ fn creating_a_log_on_a_full_file_system_names_enospc_and_gives_the_space_back() 
     let big = d.make_file("replog", 8 << 20);
     d.create("r0", &table.replace(&log.display().to_string(), &big.display().to_string()));
 }
+
+/// Issue 8: a reload of a control table with another log size was accepted, and
+/// `table` then showed a size the log does not have. It is refused at `load`.
+#[test]
+fn a_reload_that_changes_the_log_size_is_refused() {
+    let d = Daemon::start();
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd = d.make_file_s("rd", 16 << 20);
+    let log = d.make_file_s("replog", 16 << 20);
+    let table = |size: &str| {
+        format!(
+            "0 32768 replicator default {} {log} 0 auto{size} local 2 0 asynchronous 2 0 {ld} - 0 \
+             local 2 1 asynchronous 2 0 {rd} core 2 2048 nosync",
+            if size.is_empty() { 3 } else { 4 }
+        )
+    };
+    d.create("r0", &table(" 16384"));
+    let before = d.cli_ok(&["table", "r0"]);
+    for (size, found) in [(" 32768", "32768 sectors"), ("", "no size")] {
+        let e = d.cli_err(&["load", "r0", "--table", &table(size)]);
+        assert_eq!(
+            e,
+            format!(
+                "dmrep: table line 1: replicator: a reloaded table must keep the replication log's size \
+                 (16384 sectors in the live table, {found} in this one): a live log cannot be resized"
+            )
+        );
+    }
+    assert_eq!(d.info("r0")["inactive_table"], false);
+    assert_eq!(d.cli_ok(&["table", "r0"]), before);
+    // The same size (other changes aside) is a reload like any other.
+    d.cli_ok(&[
+        "load",
+        "r0",
+        "--table",
+        &table(" 16384").replace("local 2 1 asynchronous", "local 3 1 asynchronous ios=100"),
+    ]);
+    d.cli_ok(&["resume", "r0"]);
+    assert!(d.cli_ok(&["table", "r0"]).contains("ios=100"));
+}

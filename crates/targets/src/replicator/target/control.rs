@@ -59,6 +59,18 @@ fn reload(
     if (log_id, sectors_to_bytes(spec.log.start_sector)) != handle.log_key {
         return Err(TargetError::params(T, "a reloaded table must keep the group's replication log (path and start)"));
     }
+    if spec.log.size_sectors != handle.log_size {
+        let size = |s: Option<u64>| s.map_or("no size".to_string(), |s| format!("{s} sectors"));
+        return Err(TargetError::params(
+            T,
+            format!(
+                "a reloaded table must keep the replication log's size ({} in the live table, {} in this one): \
+                 a live log cannot be resized",
+                size(handle.log_size),
+                size(spec.log.size_sectors)
+            ),
+        ));
+    }
     if sectors_to_bytes(seg.len) != handle.dev_bytes {
         return Err(TargetError::params(T, "a reloaded table must keep the length of the group's devices"));
     }
@@ -282,6 +294,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         declared: Mutex::new(declared),
         users: AtomicUsize::new(1),
         log_key: (log_id, start),
+        log_size: spec.log.size_sectors,
         owner,
         claims: Mutex::new(claims),
         dev_bytes,

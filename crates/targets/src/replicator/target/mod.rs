@@ -172,6 +172,8 @@ pub struct GroupHandle {
     users: AtomicUsize,
     /// The log's file and start byte (a reload must keep them).
     log_key: (FileId, u64),
+    /// The log's size as its table gives it (a reload keeps it).
+    log_size: Option<u64>,
     /// The group's own claims, released when it stops; `owner` makes more (reloads).
     owner: Owner,
     claims: Mutex<Vec<Claim>>,
