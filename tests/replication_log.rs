@@ -185,3 +185,34 @@ fn a_reload_that_changes_the_log_size_is_refused() {
     d.cli_ok(&["resume", "r0"]);
     assert!(d.cli_ok(&["table", "r0"]).contains("ios=100"));
 }
+
+/// A table whose log mode is `create` makes the log once: a restart (after kill -9,
+/// with entries not yet at a replica) opens and recovers it instead of wiping them.
+#[test]
+fn a_create_log_is_recovered_not_recreated_on_restart() {
+    require!("qemu-io");
+    let mut d = Daemon::start();
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd = d.make_file("rd", 16 << 20);
+    let log = d.make_file_s("replog", 8 << 20);
+    d.create(
+        "r0",
+        &format!(
+            "0 32768 replicator default 4 {log} 0 create 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+             local 2 1 asynchronous 2 0 {} core 2 2048 nosync",
+            rd.display()
+        ),
+    );
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x3c 0 64k"]);
+    d.kill9();
+    d.restart();
+    // (A restart resumes every SLINK: the recovered entry ships.)
+    let st = d.json(&["status", "r0"]);
+    let recovery = st[0]["segments"][0]["detail"]["recovery"].as_str().unwrap_or_default().to_string();
+    assert!(recovery.contains("entries: 1,"), "the log was recovered with its entry: {st}");
+    let shipped = wait_until(Duration::from_secs(30), || read_at(&rd, 0, 65536) == vec![0x3c; 65536]);
+    assert!(shipped, "the entry reaches the replica after the restart");
+    qemu_io_ok(&d.uri("r0-0"), &["read -P 0x3c 0 64k"]);
+    assert!(!d.log_text().split("restarting daemon").nth(1).unwrap_or("").contains("created replication log"));
+}

@@ -210,7 +210,11 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     // The log.
     let lpath = &spec.log.path;
     let start = sectors_to_bytes(spec.log.start_sector);
-    if let (OpenMode::Create | OpenMode::Auto, Some(sectors)) = (spec.log.open_mode, spec.log.size_sectors) {
+    // A restored table was live before, so its log was made then: restoring opens it,
+    // whatever the mode. Making it again (`create`; `auto` finding none, or the file
+    // missing) would drop the entries not yet applied everywhere.
+    let open_mode = if ctx.restoring { OpenMode::Open } else { spec.log.open_mode };
+    if let (OpenMode::Create | OpenMode::Auto, Some(sectors)) = (open_mode, spec.log.size_sectors) {
         claiming.create_if_missing(lpath, start + sectors_to_bytes(sectors))?;
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(
@@ -220,7 +224,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         Some(s) => sectors_to_bytes(s),
         None => backend.size().saturating_sub(start) & !4095,
     };
-    if start + size > backend.size() && spec.log.open_mode != OpenMode::Open {
+    if start + size > backend.size() && open_mode != OpenMode::Open {
         return Err(TargetError::params(
             T,
             format!(
@@ -231,7 +235,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             ),
         ));
     }
-    if matches!(spec.log.open_mode, OpenMode::Create | OpenMode::Auto) && size < MIN_LOG_BYTES {
+    if matches!(open_mode, OpenMode::Create | OpenMode::Auto) && size < MIN_LOG_BYTES {
         // (`auto` may find a valid log there; a log this small could not be used anyway.)
         return Err(TargetError::params(
             T,
@@ -250,7 +254,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     let log_err = |e: crate::replicator::log::LogError| {
         TargetError::params(T, format!("replication log {lpath}: {}", dmrep_core::errors::with_causes(&e)))
     };
-    let (log, recovery) = match spec.log.open_mode {
+    let (log, recovery) = match open_mode {
         OpenMode::Create => (RingLog::create(backend, start, size).map_err(log_err)?, None),
         OpenMode::Open => {
             let (l, r) = RingLog::open(backend, start).map_err(log_err)?;
