@@ -405,3 +405,43 @@ fn qemu_io_patterns_on_striped() {
     check_layout(&segs, MIB, &vec![0; 64 * 1024]);
     check_layout(&segs, 1088 * KIB, &vec![0x05; 956 * 1024]);
 }
+
+/// A replicator control device holds no data: it is not exported (not listed, and
+/// refused by name with the reason), while its group's devices are.
+#[test]
+fn a_replicator_control_device_is_not_exported() {
+    require!("nbdinfo", "qemu-io");
+    let d = Daemon::start();
+    let ld = d.make_file_s("ld", 16 * MIB);
+    let rd = d.make_file_s("rd", 16 * MIB);
+    let ld1 = d.make_file_s("ld1", 16 * MIB);
+    let rd1 = d.make_file_s("rd1", 16 * MIB);
+    let log = d.make_file_s("replog", 16 * MIB);
+    let log1 = d.make_file_s("replog1", 16 * MIB);
+    d.create(
+        "r0",
+        &format!(
+            "0 32768 replicator default 4 {log} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+             local 2 1 asynchronous 2 0 {rd} core 2 2048 nosync"
+        ),
+    );
+    // The two-target form: a control device and a replicator-dev.
+    d.create("grp", &format!("0 8 replicator default 4 {log1} 0 auto 16384 local 1 0 local 2 1 async"));
+    d.create("db0", &format!("0 32768 replicator-dev grp 0 0 1 {ld1} - 0 1 1 {rd1} core 2 2048 nosync"));
+    let list = nbdinfo_json(&["--list", "--json", &format!("nbd+unix://?socket={}", d.nbd.display())]);
+    let mut names: Vec<&str> =
+        list["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["db0", "r0-0"], "{list}");
+    for ctl in ["r0", "grp"] {
+        // (libnbd shows the server's message in its debug output.)
+        let o = run(Command::new("nbdinfo").arg(d.uri(ctl)).env("LIBNBD_DEBUG", "1"));
+        assert!(!o.status.success(), "{}", show(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("is a replicator control device: it holds no data and is not exported"), "{err}");
+        let o = qemu_io(&d.uri(ctl), &["read 0 4k"]);
+        assert!(!o.status.success(), "{}", show(&o));
+    }
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x21 0 4k", "read -P 0x21 0 4k"]);
+    qemu_io_ok(&d.uri("db0"), &["write -P 0x22 0 4k", "read -P 0x22 0 4k"]);
+}

@@ -245,6 +245,12 @@ impl MappedDevice {
         self.live.read().as_ref().map(|t| t.supports_discard()).unwrap_or(false)
     }
 
+    /// Whether the device holds data to export: false only when its active table has a
+    /// target that holds none (a replicator control device).
+    pub fn holds_data(&self) -> bool {
+        self.live.read().as_ref().is_none_or(|t| t.segments.iter().all(|s| s.target.holds_data()))
+    }
+
     pub fn state(&self) -> DeviceState {
         if self.gate.state.lock().suspended {
             DeviceState::Suspended

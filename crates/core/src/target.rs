@@ -182,6 +182,13 @@ pub trait Target: Send + Sync {
         false
     }
 
+    /// Whether the segment holds data applications use. A device with a segment that
+    /// holds none (a replicator control device: its group's devices hold the data) is
+    /// not exported over NBD. Default: true.
+    fn holds_data(&self) -> bool {
+        true
+    }
+
     /// Current status.
     fn status(&self) -> TargetStatus {
         TargetStatus::default()

@@ -5,7 +5,9 @@
 //! Options understood: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
 //! `STRUCTURED_REPLY`. Every other option, `STARTTLS` included, is answered with
 //! `NBD_REP_ERR_UNSUP` and the negotiation goes on. Export names are mapped-device names;
-//! there is no default export (the empty name is unknown).
+//! there is no default export (the empty name is unknown). A device that holds no data
+//! (a replicator control device) is not exported: not listed, and unknown to
+//! `INFO`/`GO`/`EXPORT_NAME`.
 
 use std::sync::Arc;
 
@@ -121,7 +123,7 @@ pub(crate) fn negotiate(
         };
         match opt {
             ClientOption::ExportName(name) => {
-                let Some(dev) = lookup(devices, &name) else {
+                let Some(dev) = lookup(devices, &name).filter(|d| d.holds_data()) else {
                     return Err(HandshakeError::UnknownExport(name));
                 };
                 ExportNameReply { size: dev.size(), flags: transmission_flags(structured) }
@@ -136,7 +138,7 @@ pub(crate) fn negotiate(
                 return Ok(None);
             }
             ClientOption::List => {
-                for dev in devices.list() {
+                for dev in devices.list().into_iter().filter(|d| d.holds_data()) {
                     OptionReply::Server { name: dev.name(), description: String::new() }.encode(hdr.option, &mut out);
                 }
                 OptionReply::Ack.encode(hdr.option, &mut out);
@@ -154,6 +156,14 @@ pub(crate) fn negotiate(
                     }
                     Some(dev) if dev.live_table().is_none() => {
                         let msg = format!("export {:?} has no active table", req.name);
+                        reply_error(&mut out, hdr.option, nbd::REP_ERR_UNKNOWN, &msg);
+                    }
+                    Some(dev) if !dev.holds_data() => {
+                        let msg = format!(
+                            "{:?} is a replicator control device: it holds no data and is not exported \
+                             (its group's devices are)",
+                            req.name
+                        );
                         reply_error(&mut out, hdr.option, nbd::REP_ERR_UNKNOWN, &msg);
                     }
                     Some(dev) => {
@@ -186,7 +196,7 @@ pub(crate) fn negotiate(
     Err(HandshakeError::TooManyOptions)
 }
 
-/// The device serving export `name`. The empty name is no export.
+/// The device named `name`. The empty name is no export.
 fn lookup(devices: &DeviceRegistry, name: &str) -> Option<Arc<MappedDevice>> {
     if name.is_empty() {
         return None;

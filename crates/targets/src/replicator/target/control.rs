@@ -313,6 +313,10 @@ impl Target for ReplicatorTarget {
         T
     }
 
+    fn holds_data(&self) -> bool {
+        false
+    }
+
     fn submit(&self, mut req: Request, done: Completion) {
         match req.op {
             Op::Read => {
