@@ -142,6 +142,9 @@ fn group_detail(client: &mut Client, name: &str) -> Result<serde_json::Value> {
         let Response::Statuses { devices } = client.call(Request::Status { name: Some(name.clone()) })? else {
             bail!("unexpected answer to status");
         };
+        if let Some(why) = devices.first().and_then(|d| d.reason.as_ref()) {
+            bail!("device {name} is unavailable: {why}");
+        }
         let seg = devices.first().and_then(|d| d.segments.first()).context("device has no table")?;
         match seg.target.as_str() {
             "replicator" => return Ok(seg.detail.clone()),

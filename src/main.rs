@@ -71,7 +71,8 @@ pub enum Command {
     ///
     /// Swapping needs the device quiet: a device not suspended yet is suspended first,
     /// waiting at most --timeout for in-flight I/O (else the old table stays active and
-    /// the new one loaded).
+    /// the new one loaded). On an unavailable device (not restored at start-up), tries to
+    /// bring it back.
     Resume {
         /// The device.
         name: String,
@@ -83,7 +84,7 @@ pub enum Command {
     ///
     /// Requests the device's targets still hold (writes waiting for a synchronous SLINK
     /// that is down) fail with ESHUTDOWN after a 3 s grace period, also while a suspend
-    /// waits for them.
+    /// waits for them. An unavailable device (not restored at start-up) is forgotten.
     Remove {
         /// The device.
         name: String,
@@ -113,13 +114,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// State, open count, segments, size and UUID of one device or all.
+    /// State, open count, segments, size and UUID of one device or all (an unavailable
+    /// device, not restored at start-up, with the reason).
     Info {
         name: Option<String>,
         #[arg(long)]
         json: bool,
     },
-    /// List devices.
+    /// List devices, unavailable ones (recorded, not restored at start-up) included.
     Ls {
         #[arg(long)]
         json: bool,

@@ -12,6 +12,7 @@ fn state_word(s: DeviceState) -> &'static str {
     match s {
         DeviceState::Active => "ACTIVE",
         DeviceState::Suspended => "SUSPENDED",
+        DeviceState::Unavailable => "UNAVAILABLE",
     }
 }
 
@@ -45,7 +46,10 @@ pub fn print_list(devs: &[DeviceInfo], as_json: bool) -> Result<()> {
         println!("No devices found");
     }
     for d in devs {
-        println!("{}\t({} sectors, {})", d.name, d.size_sectors, state_word(d.state).to_lowercase());
+        match &d.reason {
+            Some(why) => println!("{}\t(unavailable: {why})", d.name),
+            None => println!("{}\t({} sectors, {})", d.name, d.size_sectors, state_word(d.state).to_lowercase()),
+        }
     }
     Ok(())
 }
@@ -66,6 +70,9 @@ pub fn print_infos(devs: &[DeviceInfo], as_json: bool) -> Result<()> {
         };
         println!("Name:              {}", d.name);
         println!("State:             {}", state_word(d.state));
+        if let Some(why) = &d.reason {
+            println!("Reason:            {why}");
+        }
         println!("Tables present:    {tables}");
         println!("Open count:        {}", d.open_count);
         println!("Number of targets: {}", d.segments);
@@ -99,7 +106,9 @@ pub fn print_statuses(devs: &[DeviceStatus], as_json: bool) -> Result<()> {
     let single = devs.len() == 1;
     for d in devs {
         let prefix = if single { String::new() } else { format!("{}: ", d.name) };
-        if d.segments.is_empty() {
+        if let Some(why) = &d.reason {
+            println!("{prefix}(unavailable: {why})");
+        } else if d.segments.is_empty() {
             println!("{prefix}(no table) {}", state_word(d.state));
         }
         for s in &d.segments {

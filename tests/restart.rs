@@ -1,5 +1,6 @@
 //! Restarting the daemon on the same state directory: after SIGTERM (clean exit 0) and
-//! after kill -9, the devices come back with their data.
+//! after kill -9, the devices come back with their data; a device that cannot come back
+//! (a file missing) is listed as unavailable with the reason, and the others come up.
 
 mod common;
 
@@ -95,6 +96,94 @@ fn restart_with_a_missing_backing_file_keeps_the_others() {
     assert!(d.names().contains(&"ok".to_string()), "the device whose file is there comes back");
     qemu_io_ok(&d.uri("ok"), &["read -P 0x42 0 64k"]);
     assert!(d.log_text().contains("lost"), "the daemon logs the device it could not restore");
+    let lost = d.info("lost");
+    assert_eq!(lost["state"], "unavailable", "{lost}");
+    let reason = lost["reason"].as_str().unwrap();
+    assert!(reason.contains(&b.display().to_string()) && reason.contains("No such file"), "{reason}");
+}
+
+/// The user's report: a restart with one group's log missing dropped the group, its
+/// device included, and `dmrep ls` did not show it. It is listed (text and JSON) as
+/// unavailable with the reason, its devices too; the other devices come up; every
+/// lifecycle request on it says why it cannot; once the file is back `resume` brings
+/// it up (data intact), and `remove` forgets a device that will not come back.
+#[test]
+fn restart_with_a_group_missing_its_log_lists_it_unavailable() {
+    require!("qemu-io");
+    let mut d = Daemon::start();
+    let a = d.make_file_s("a.img", 4 * MIB);
+    d.create("lin", &format!("0 2048 linear {a} 0"));
+    let ld = d.make_file_s("ld", 16 * MIB);
+    let rd = d.make_file_s("rd", 16 * MIB);
+    let log = d.make_file("replog", 8 * MIB);
+    let table = format!(
+        "0 32768 replicator default 4 {} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+         local 2 1 asynchronous 2 0 {rd} core 2 2048 nosync",
+        log.display()
+    );
+    d.create("r0", &table);
+    qemu_io_ok(&d.uri("r0-0"), &["write -P 0x5c 0 64k"]);
+    let recorded = d.cli_ok(&["table", "r0"]);
+    d.terminate();
+    let saved = d.path("replog.saved");
+    std::fs::rename(&log, &saved).unwrap();
+    d.restart();
+
+    // Listed, with the reason, in JSON and in text.
+    let ls = d.json(&["ls"]);
+    let states: Vec<(String, String)> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v["state"].as_str().unwrap().to_string()))
+        .collect();
+    let want = [("lin", "active"), ("r0", "unavailable"), ("r0-0", "unavailable")];
+    assert_eq!(states, want.map(|(n, s)| (n.to_string(), s.to_string())), "{ls}");
+    let reason = ls[1]["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains(&log.display().to_string()) && reason.contains("No such file or directory"), "{reason}");
+    assert_eq!(ls[2]["reason"], "created by the table of r0, which is unavailable");
+    let text = d.cli_ok(&["ls"]);
+    assert!(text.contains(&format!("r0\t(unavailable: {reason})")), "{text}");
+    let info = d.cli_ok(&["info", "r0"]);
+    assert!(info.contains("State:             UNAVAILABLE") && info.contains(&format!("Reason:            {reason}")));
+    assert_eq!(d.json(&["status", "r0"])[0]["state"], "unavailable");
+    assert!(d.cli_ok(&["status"]).contains(&format!("r0: (unavailable: {reason})")));
+    assert_eq!(d.cli_ok(&["table", "r0"]), recorded, "the recorded table, as it will come back");
+
+    // The other device serves; the unavailable ones refuse what needs them, saying why.
+    qemu_io_ok(&d.uri("lin"), &["write -P 0x11 0 4k", "read -P 0x11 0 4k"]);
+    let why = format!(
+        "dmrep: device r0 is unavailable: {reason} (`dmrep resume r0` tries again, `dmrep remove r0` forgets it)"
+    );
+    assert_eq!(d.cli_err(&["message", "r0", "0", "stop"]), why);
+    assert_eq!(d.cli_err(&["suspend", "r0"]), why);
+    assert_eq!(d.cli_err(&["create", "r0", "--table", "0 8 zero"]), why);
+    assert_eq!(
+        d.cli_err(&["remove", "r0-0"]),
+        "dmrep: device r0-0 was created by the table of r0 and comes back with it: remove r0"
+    );
+    // Still missing: resume says so, and nothing changes.
+    let e = d.cli_err(&["resume", "r0"]);
+    assert!(e.starts_with("dmrep: device r0 is unavailable: ") && e.contains("No such file"), "{e}");
+    assert_eq!(d.info("r0-0")["state"], "unavailable");
+
+    // The file is back: resume brings the group up with its data.
+    std::fs::rename(&saved, &log).unwrap();
+    d.cli_ok(&["resume", "r0"]);
+    assert_eq!(d.info("r0")["state"], "active");
+    assert_eq!(d.info("r0-0")["state"], "active");
+    qemu_io_ok(&d.uri("r0-0"), &["read -P 0x5c 0 64k"]);
+
+    // Gone for good: remove forgets it (and its device), also across restarts.
+    d.terminate();
+    std::fs::remove_file(&log).unwrap();
+    d.restart();
+    assert_eq!(d.info("r0")["state"], "unavailable");
+    d.cli_ok(&["remove", "r0"]);
+    assert_eq!(d.names(), ["lin"]);
+    d.restart();
+    assert_eq!(d.names(), ["lin"]);
+    qemu_io_ok(&d.uri("lin"), &["read -P 0x11 0 4k"]);
 }
 
 /// Issue 8: a restart with one RD file missing used to drop the whole group, the LD's

@@ -5,6 +5,10 @@
 //! lock is never held while a device waits for its in-flight I/O (suspend, or a resume
 //! that swaps tables): that wait is bounded, and a removal (which fails the requests it
 //! waits for) or a resume (which cancels it) must not queue behind it.
+//!
+//! A recorded device that cannot be brought back at start-up (a file missing, a log
+//! that does not open) is *unavailable*: listed with the reason, its record kept, the
+//! other devices up. `resume` tries it again, `remove` forgets it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,9 @@ use std::time::Duration;
 use dmrep_core::device::{LiveTable, Quiesce, SUSPEND_TIMEOUT};
 use dmrep_core::target::{Op, Request as IoRequest};
 use dmrep_core::{BuildContext, DeviceRegistry, MappedDevice, TargetRegistry};
-use dmrep_formats::control::{DeviceStatus, DeviceTable, Request, Response, SegmentStatus, PROTOCOL_VERSION};
+use dmrep_formats::control::{
+    DeviceInfo, DeviceState, DeviceStatus, DeviceTable, Request, Response, SegmentStatus, PROTOCOL_VERSION,
+};
 use dmrep_formats::table::{parse_table, TableError};
 use parking_lot::Mutex;
 use tracing::{error, info, warn};
@@ -47,6 +53,18 @@ pub enum DaemonError {
     Unsupported(String),
     #[error("device {name} is used by {users}: remove those first")]
     InUse { name: String, users: String },
+    #[error(
+        "device {name} is unavailable: {reason} (`dmrep resume {name}` tries again, `dmrep remove {name}` forgets it)"
+    )]
+    Unavailable { name: String, reason: String },
+    #[error("device {name} was created by the table of {parent} and comes back with it: {what} {parent}")]
+    Companion { name: String, parent: String, what: &'static str },
+}
+
+/// A device a request names: live, or recorded and unavailable.
+enum Entry {
+    Live(Arc<MappedDevice>),
+    Unavailable(DeviceRecord, String),
 }
 
 pub struct Daemon {
@@ -56,6 +74,8 @@ pub struct Daemon {
     /// The persisted records, in creation order; includes devices that could not be
     /// restored at start-up, so that their records are not lost.
     records: Mutex<Vec<DeviceRecord>>,
+    /// Recorded devices that are not live, by UUID, with the reason (start-up failed).
+    unavailable: Mutex<Vec<(String, String)>>,
     ops: Mutex<()>,
     /// Set while [`Daemon::restore`] rebuilds the recorded tables.
     restoring: std::sync::atomic::AtomicBool,
@@ -69,6 +89,7 @@ impl Daemon {
             targets,
             store,
             records: Mutex::new(Vec::new()),
+            unavailable: Mutex::new(Vec::new()),
             ops: Mutex::new(()),
             restoring: std::sync::atomic::AtomicBool::new(false),
         })
@@ -79,16 +100,17 @@ impl Daemon {
     }
 
     /// Bring back the devices recorded in the state directory. Returns how many came
-    /// back and the errors of those that did not (their records are kept).
+    /// back and the errors of those that did not: they stay recorded and are listed as
+    /// unavailable (with their companions); the others come up all the same.
     pub fn restore(&self) -> Result<(usize, Vec<String>), DaemonError> {
         let _g = self.ops.lock();
         let recs = self.store.load()?;
-        self.restoring.store(true, std::sync::atomic::Ordering::SeqCst);
+        *self.records.lock() = recs.clone();
         let mut ok = 0;
         let mut errors = Vec::new();
         for r in recs.iter().filter(|r| r.companion_of.is_none()) {
-            match self.create_locked(&r.name, &r.table, Some(r.uuid.clone()), &recs) {
-                Ok(_) => {
+            match self.restore_one(r, &recs) {
+                Ok(()) => {
                     info!(device = %r.name, "restored");
                     ok += 1;
                 }
@@ -98,9 +120,38 @@ impl Daemon {
                 }
             }
         }
-        self.restoring.store(false, std::sync::atomic::Ordering::SeqCst);
-        *self.records.lock() = recs;
         Ok((ok, errors))
+    }
+
+    /// Create recorded device `r` (and its companions) again; on failure they are
+    /// unavailable, with the reason. `ops` held.
+    fn restore_one(&self, r: &DeviceRecord, recs: &[DeviceRecord]) -> Result<(), DaemonError> {
+        let companions: Vec<&DeviceRecord> =
+            recs.iter().filter(|c| c.companion_of.as_deref() == Some(r.name.as_str())).collect();
+        let mut ids: Vec<&str> = vec![&r.uuid];
+        ids.extend(companions.iter().map(|c| c.uuid.as_str()));
+        self.unavailable.lock().retain(|(u, _)| !ids.contains(&u.as_str()));
+        self.restoring.store(true, std::sync::atomic::Ordering::SeqCst);
+        let res = self.create_locked(&r.name, &r.table, Some(r.uuid.clone()), recs);
+        self.restoring.store(false, std::sync::atomic::Ordering::SeqCst);
+        match res {
+            Ok(created) => {
+                // A companion the table no longer names stays recorded, unavailable.
+                for c in companions.iter().filter(|c| !created.contains(&c.name)) {
+                    let why = format!("the table of {} no longer creates it", r.name);
+                    self.unavailable.lock().push((c.uuid.clone(), why));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut un = self.unavailable.lock();
+                un.push((r.uuid.clone(), e.to_string()));
+                for c in companions {
+                    un.push((c.uuid.clone(), format!("created by the table of {}, which is unavailable", r.name)));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Parse and build a table for device `name`. Nothing is left behind on error.
@@ -177,6 +228,35 @@ impl Daemon {
         Ok(())
     }
 
+    /// The record of an unavailable device named `name`, and why it is unavailable.
+    fn unavailable(&self, name: &str) -> Option<(DeviceRecord, String)> {
+        let recs = self.records.lock();
+        let un = self.unavailable.lock();
+        let rec = recs.iter().find(|r| r.name == name && un.iter().any(|(u, _)| *u == r.uuid))?;
+        let reason = un.iter().find(|(u, _)| *u == rec.uuid).map(|(_, why)| why.clone()).unwrap_or_default();
+        Some((rec.clone(), reason))
+    }
+
+    /// Every unavailable device: its record and the reason.
+    fn unavailable_all(&self) -> Vec<(DeviceRecord, String)> {
+        let recs = self.records.lock();
+        let un = self.unavailable.lock();
+        recs.iter()
+            .filter_map(|r| un.iter().find(|(u, _)| *u == r.uuid).map(|(_, why)| (r.clone(), why.clone())))
+            .collect()
+    }
+
+    /// The device `name`, live or unavailable.
+    fn entry(&self, name: &str) -> Result<Entry, DaemonError> {
+        if let Some(d) = self.devices.get(name) {
+            return Ok(Entry::Live(d));
+        }
+        match self.unavailable(name) {
+            Some((rec, why)) => Ok(Entry::Unavailable(rec, why)),
+            None => Err(DaemonError::NotFound(name.to_string())),
+        }
+    }
+
     /// Change the records with `f` and save them atomically.
     fn persist(&self, f: impl FnOnce(&mut Vec<DeviceRecord>)) -> Result<(), DaemonError> {
         let mut recs = self.records.lock();
@@ -187,16 +267,41 @@ impl Daemon {
         Ok(())
     }
 
+    /// The live device `name` (an unavailable one is an error saying so).
     fn device(&self, name: &str) -> Result<Arc<MappedDevice>, DaemonError> {
-        self.devices.get(name).ok_or_else(|| DaemonError::NotFound(name.to_string()))
+        match self.entry(name)? {
+            Entry::Live(d) => Ok(d),
+            Entry::Unavailable(_, reason) => Err(DaemonError::Unavailable { name: name.to_string(), reason }),
+        }
     }
 
-    /// The devices a read-only request is about: one, or all.
-    fn selected(&self, name: &Option<String>) -> Result<Vec<Arc<MappedDevice>>, DaemonError> {
+    /// The devices a read-only request is about: one, or all (by name).
+    fn selected(&self, name: &Option<String>) -> Result<Vec<Entry>, DaemonError> {
         match name {
-            Some(n) => Ok(vec![self.device(n)?]),
-            None => Ok(self.devices.list()),
+            Some(n) => Ok(vec![self.entry(n)?]),
+            None => {
+                let mut all: Vec<(String, Entry)> =
+                    self.devices.list().into_iter().map(|d| (d.name(), Entry::Live(d))).collect();
+                all.extend(
+                    self.unavailable_all().into_iter().map(|(r, why)| (r.name.clone(), Entry::Unavailable(r, why))),
+                );
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(all.into_iter().map(|(_, e)| e).collect())
+            }
         }
+    }
+
+    /// Try an unavailable device again (`resume`): it comes up with its companions, or
+    /// stays unavailable with the new reason. `ops` held.
+    fn retry(&self, rec: DeviceRecord) -> Result<Response, DaemonError> {
+        if let Some(parent) = rec.companion_of {
+            return Err(DaemonError::Companion { name: rec.name, parent, what: "resume" });
+        }
+        let recs = self.records.lock().clone();
+        self.restore_one(&rec, &recs)
+            .map_err(|e| DaemonError::Unavailable { name: rec.name.clone(), reason: e.to_string() })?;
+        info!(device = %rec.name, "restored on request");
+        Ok(Response::Ok)
     }
 
     /// Answer one control request.
@@ -214,6 +319,9 @@ impl Daemon {
             }
             Request::Create { name, table, uuid } => {
                 let _g = self.ops.lock();
+                if let Some((rec, reason)) = self.unavailable(&name) {
+                    return Err(DaemonError::Unavailable { name: rec.name, reason });
+                }
                 let created = self.create_locked(&name, &table, uuid, &[])?;
                 let recs: Vec<DeviceRecord> = created
                     .iter()
@@ -265,7 +373,10 @@ impl Daemon {
                 let timeout = timeout_of(timeout_ms);
                 let dev = {
                     let _g = self.ops.lock();
-                    self.device(&name)?
+                    match self.entry(&name)? {
+                        Entry::Live(d) => d,
+                        Entry::Unavailable(rec, _) => return self.retry(rec),
+                    }
                 };
                 // A swap needs the device quiet: wait for that first, not under `ops`.
                 if dev.inactive_table().is_some() {
@@ -287,7 +398,24 @@ impl Daemon {
             }
             Request::Remove { name, force } => {
                 let _g = self.ops.lock();
-                self.device(&name)?;
+                if let Entry::Unavailable(rec, _) = self.entry(&name)? {
+                    // Forget it, and the companions it would have brought back.
+                    if let Some(parent) = rec.companion_of {
+                        return Err(DaemonError::Companion { name, parent, what: "remove" });
+                    }
+                    let mut uuids = vec![rec.uuid.clone()];
+                    uuids.extend(
+                        self.records
+                            .lock()
+                            .iter()
+                            .filter(|r| r.companion_of.as_deref() == Some(name.as_str()))
+                            .map(|r| r.uuid.clone()),
+                    );
+                    self.persist(|r| r.retain(|x| !uuids.contains(&x.uuid)))?;
+                    self.unavailable.lock().retain(|(u, _)| !uuids.contains(u));
+                    info!(device = %name, "unavailable device forgotten");
+                    return Ok(Response::Ok);
+                }
                 // Devices using this one (replicator-dev on a control device) go
                 // first if they are its companions; otherwise they block the removal.
                 let companions: Vec<String> = self
@@ -350,16 +478,23 @@ impl Daemon {
                 Ok(Response::Ok)
             }
             Request::Info { name } => {
-                Ok(Response::Infos { devices: self.selected(&name)?.iter().map(|d| d.info()).collect() })
+                Ok(Response::Infos { devices: self.selected(&name)?.iter().map(info_of).collect() })
             }
-            Request::List => Ok(Response::Infos { devices: self.devices.list().iter().map(|d| d.info()).collect() }),
+            Request::List => Ok(Response::Infos { devices: self.selected(&None)?.iter().map(info_of).collect() }),
             Request::Table { name, inactive } => {
                 let tables = self
                     .selected(&name)?
                     .iter()
-                    .map(|d| {
-                        let t = if inactive { d.inactive_table() } else { d.live_table() };
-                        DeviceTable { name: d.name(), table: t.map(|t| t.spec.to_string()).unwrap_or_default() }
+                    .map(|e| match e {
+                        Entry::Live(d) => {
+                            let t = if inactive { d.inactive_table() } else { d.live_table() };
+                            DeviceTable { name: d.name(), table: t.map(|t| t.spec.to_string()).unwrap_or_default() }
+                        }
+                        // The recorded table: what it will be when it comes back.
+                        Entry::Unavailable(r, _) => DeviceTable {
+                            name: r.name.clone(),
+                            table: if inactive { String::new() } else { r.table.clone() },
+                        },
                     })
                     .collect();
                 Ok(Response::Tables { tables })
@@ -368,20 +503,29 @@ impl Daemon {
                 let devices = self
                     .selected(&name)?
                     .iter()
-                    .map(|d| DeviceStatus {
-                        name: d.name(),
-                        state: d.state(),
-                        segments: d
-                            .status()
-                            .into_iter()
-                            .map(|(seg, st)| SegmentStatus {
-                                start: seg.start,
-                                len: seg.len,
-                                target: seg.target,
-                                line: st.line,
-                                detail: st.json,
-                            })
-                            .collect(),
+                    .map(|e| match e {
+                        Entry::Live(d) => DeviceStatus {
+                            name: d.name(),
+                            state: d.state(),
+                            segments: d
+                                .status()
+                                .into_iter()
+                                .map(|(seg, st)| SegmentStatus {
+                                    start: seg.start,
+                                    len: seg.len,
+                                    target: seg.target,
+                                    line: st.line,
+                                    detail: st.json,
+                                })
+                                .collect(),
+                            reason: None,
+                        },
+                        Entry::Unavailable(r, why) => DeviceStatus {
+                            name: r.name.clone(),
+                            state: DeviceState::Unavailable,
+                            segments: Vec::new(),
+                            reason: Some(why.clone()),
+                        },
                     })
                     .collect();
                 Ok(Response::Statuses { devices })
@@ -438,4 +582,28 @@ fn record_of(d: &MappedDevice) -> Option<DeviceRecord> {
 /// How long a suspend (or a swapping resume) waits for in-flight I/O.
 fn timeout_of(ms: Option<u64>) -> Duration {
     ms.map(Duration::from_millis).unwrap_or(SUSPEND_TIMEOUT)
+}
+
+/// What `info` and `ls` show of a device; an unavailable one has the size of its
+/// recorded table, and the reason.
+fn info_of(e: &Entry) -> DeviceInfo {
+    match e {
+        Entry::Live(d) => d.info(),
+        Entry::Unavailable(r, why) => {
+            let spec = parse_table(&r.table).ok();
+            let sectors = spec.as_ref().and_then(|s| s.segments.last()).map(|s| s.start + s.len).unwrap_or(0);
+            DeviceInfo {
+                name: r.name.clone(),
+                uuid: r.uuid.clone(),
+                state: DeviceState::Unavailable,
+                open_count: 0,
+                segments: spec.map(|s| s.segments.len()).unwrap_or(0),
+                size_bytes: sectors * 512,
+                size_sectors: sectors,
+                live_table: false,
+                inactive_table: false,
+                reason: Some(why.clone()),
+            }
+        }
+    }
 }

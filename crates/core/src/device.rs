@@ -530,6 +530,7 @@ impl MappedDevice {
             size_sectors: size / crate::units::SECTOR_SIZE,
             live_table: live.is_some(),
             inactive_table: self.inactive.lock().is_some(),
+            reason: None,
         }
     }
 

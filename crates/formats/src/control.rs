@@ -8,7 +8,8 @@
 //!
 //! Versions (one line per version, what changed):
 //! - 1: first version.
-//! - 2: `timeout_ms` on suspend and resume (a suspend that cannot drain gives up).
+//! - 2: `timeout_ms` on suspend and resume (a suspend that cannot drain gives up);
+//!   devices in state `unavailable` (recorded, not restored) with a `reason`.
 
 use serde::{Deserialize, Serialize};
 
@@ -124,12 +125,15 @@ pub enum Response {
     },
 }
 
-/// Device state as dmsetup shows it.
+/// Device state as dmsetup shows it, plus `Unavailable`: a device the daemon has
+/// recorded but could not bring back at start-up (its `reason` says why). It holds no
+/// table and serves nothing; `remove` forgets it, `resume` tries again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceState {
     Active,
     Suspended,
+    Unavailable,
 }
 
 /// What `dmrep info` shows of one device.
@@ -144,6 +148,9 @@ pub struct DeviceInfo {
     pub size_sectors: u64,
     pub live_table: bool,
     pub inactive_table: bool,
+    /// Why an `unavailable` device is not there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A device's table as text (canonical form).
@@ -171,6 +178,9 @@ pub struct DeviceStatus {
     pub name: String,
     pub state: DeviceState,
     pub segments: Vec<SegmentStatus>,
+    /// Why an `unavailable` device is not there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
