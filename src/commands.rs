@@ -139,8 +139,10 @@ pub fn log(cmd: crate::LogCommand) -> Result<()> {
 fn group_detail(client: &mut Client, name: &str) -> Result<serde_json::Value> {
     let mut name = name.to_string();
     for _ in 0..2 {
-        let Response::Statuses { devices } = client.call(Request::Status { name: Some(name.clone()) })? else {
-            bail!("unexpected answer to status");
+        let devices = match client.call(Request::Status { name: Some(name.clone()) })? {
+            Response::Statuses { devices } => devices,
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer to status: {other:?}"),
         };
         if let Some(why) = devices.first().and_then(|d| d.reason.as_ref()) {
             bail!("device {name} is unavailable: {why}");

@@ -36,7 +36,8 @@ pub enum Command {
         /// The table itself, e.g. "0 2048 linear /srv/disk0 0".
         #[arg(long, conflicts_with = "table_file")]
         table: Option<String>,
-        /// UUID to give the device (default: generated).
+        /// UUID to give the device (default: generated): 1-128 characters, no control
+        /// characters, not used by another device.
         #[arg(long)]
         uuid: Option<String>,
     },

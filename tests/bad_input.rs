@@ -91,6 +91,40 @@ fn malformed_tables_are_refused_with_a_clear_error() {
     still_serving(&mut d);
 }
 
+/// UUIDs key the daemon's records and are printed on lines of text: empty ones, ones
+/// with a control character (a newline) or surrounding space, over-long ones, and one
+/// another device has are refused (issue 8: all were accepted, and removing one of two
+/// devices with the same UUID forgot both).
+#[test]
+fn bad_and_duplicate_uuids_are_refused() {
+    let mut d = daemon_with_good_device();
+    d.cli_ok(&["create", "u1", "--uuid", "LVM-abc 123", "--table", "0 8 zero"]);
+    assert_eq!(d.info("u1")["uuid"], "LVM-abc 123");
+    let long = "x".repeat(129);
+    for bad in ["", "a\nb", "tab\there", " lead", "trail ", long.as_str()] {
+        let e = d.cli_err(&["create", "u2", "--uuid", bad, "--table", "0 8 zero"]);
+        assert_eq!(
+            e,
+            format!(
+                "dmrep: invalid UUID {bad:?}: use 1-128 characters, no control characters (such as a newline) \
+                 and no leading or trailing space"
+            )
+        );
+    }
+    d.cli_ok(&["create", "u2", "--uuid", &"y".repeat(128), "--table", "0 8 zero"]);
+    let e = d.cli_err(&["create", "u3", "--uuid", "LVM-abc 123", "--table", "0 8 zero"]);
+    assert_eq!(e, "dmrep: UUID LVM-abc 123 is already used by device u1");
+    let good = d.info("good")["uuid"].as_str().unwrap().to_string();
+    let e = d.cli_err(&["create", "u3", "--uuid", &good, "--table", "0 8 zero"]);
+    assert_eq!(e, format!("dmrep: UUID {good} is already used by device good"));
+    // Nothing was created, and each device keeps its own record across a restart.
+    assert_eq!(d.names(), ["good", "u1", "u2"]);
+    d.cli_ok(&["remove", "u1"]);
+    d.restart();
+    assert_eq!(d.names(), ["good", "u2"]);
+    still_serving(&mut d);
+}
+
 #[test]
 fn names_and_unknown_devices() {
     let mut d = daemon_with_good_device();
@@ -120,10 +154,12 @@ fn names_and_unknown_devices() {
         vec!["info", "nosuch"],
         vec!["info", "nosuch", "--json"],
         vec!["message", "nosuch", "0", "hello"],
+        vec!["wait", "nosuch"],
+        vec!["wait", "nosuch", "--resync", "--timeout", "1"],
     ];
     for c in &commands {
         let e = d.cli_err(c);
-        assert!(e.contains("nosuch") && e.contains("not found"), "{c:?}: {e}");
+        assert_eq!(e, "dmrep: device nosuch not found", "{c:?}");
     }
     // Resume with nothing loaded on an active device is harmless; message past the end fails.
     d.cli_ok(&["resume", "good"]);

@@ -59,6 +59,19 @@ pub enum DaemonError {
     Unavailable { name: String, reason: String },
     #[error("device {name} was created by the table of {parent} and comes back with it: {what} {parent}")]
     Companion { name: String, parent: String, what: &'static str },
+    #[error("invalid UUID {0:?}: use 1-128 characters, no control characters (such as a newline) and no leading or trailing space")]
+    BadUuid(String),
+    #[error("UUID {uuid} is already used by device {name}")]
+    UuidInUse { uuid: String, name: String },
+}
+
+/// Longest UUID accepted: device-mapper's (DM_UUID_LEN, 129 bytes with the NUL).
+const MAX_UUID: usize = 128;
+
+/// Whether `uuid` is usable as a device UUID (it is shown on lines of text and keys the
+/// device's record).
+fn valid_uuid(uuid: &str) -> bool {
+    !uuid.is_empty() && uuid.len() <= MAX_UUID && !uuid.chars().any(char::is_control) && uuid.trim() == uuid
 }
 
 /// A device a request names: live, or recorded and unavailable.
@@ -206,13 +219,18 @@ impl Daemon {
     }
 
     fn create_one(&self, name: &str, table: &str, uuid: Option<String>) -> Result<(), DaemonError> {
-        // Build before inserting, so a bad table leaves no device behind. The name is
-        // checked first so the error for a duplicate is not a table error.
+        // Build before inserting, so a bad table leaves no device behind. The name and
+        // UUID are checked first so the error for a duplicate is not a table error.
         if self.devices.get(name).is_some() {
             return Err(dmrep_core::registry::RegistryError::Exists(name.to_string()).into());
         }
         if !dmrep_core::registry::valid_name(name) {
             return Err(dmrep_core::registry::RegistryError::BadName(name.to_string()).into());
+        }
+        if let Some(u) = &uuid {
+            if let Some(d) = self.devices.list().into_iter().find(|d| d.uuid() == u) {
+                return Err(DaemonError::UuidInUse { uuid: u.clone(), name: d.name() });
+            }
         }
         let live = self.build(name, table)?;
         let dev = match self.devices.insert(name, uuid) {
@@ -321,6 +339,14 @@ impl Daemon {
                 let _g = self.ops.lock();
                 if let Some((rec, reason)) = self.unavailable(&name) {
                     return Err(DaemonError::Unavailable { name: rec.name, reason });
+                }
+                if let Some(u) = &uuid {
+                    if !valid_uuid(u) {
+                        return Err(DaemonError::BadUuid(u.clone()));
+                    }
+                    if let Some(r) = self.records.lock().iter().find(|r| r.uuid == *u) {
+                        return Err(DaemonError::UuidInUse { uuid: u.clone(), name: r.name.clone() });
+                    }
                 }
                 let created = self.create_locked(&name, &table, uuid, &[])?;
                 let recs: Vec<DeviceRecord> = created
