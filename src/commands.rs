@@ -44,8 +44,8 @@ fn read_stdin() -> Result<String> {
 
 pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
     let (request, json) = match cmd {
-        Command::Create { name, table_file, table, uuid } => {
-            (Request::Create { name, table: table_text(table_file, table)?, uuid }, false)
+        Command::Create { name, table_file, table, uuid, readonly } => {
+            (Request::Create { name, table: table_text(table_file, table)?, uuid, read_only: readonly }, false)
         }
         Command::Load { name, table_file, table } => {
             (Request::Load { name, table: table_text(table_file, table)? }, false)

@@ -91,7 +91,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&daemon_args.state_dir);
     let running = run_daemon::start(&daemon_args, Some(control.clone()))?;
     let table = table(&dir, bytes >> 9, (args.log_mib << 20) >> 9, args.ios);
-    match running.daemon.handle(Request::Create { name: "r0".into(), table: table.clone(), uuid: None }) {
+    match running.daemon.handle(Request::Create {
+        name: "r0".into(),
+        table: table.clone(),
+        uuid: None,
+        read_only: false,
+    }) {
         Response::Ok => {}
         Response::Error { message } => {
             running.stop();

@@ -40,6 +40,10 @@ pub enum Command {
         /// characters, not used by another device.
         #[arg(long)]
         uuid: Option<String>,
+        /// Refuse writes (EPERM) and export the device read-only over NBD. Kept across
+        /// daemon restarts.
+        #[arg(long)]
+        readonly: bool,
     },
     /// Load TABLE as the device's inactive table; `resume` makes it active.
     Load {

@@ -46,9 +46,10 @@ pub fn print_list(devs: &[DeviceInfo], as_json: bool) -> Result<()> {
         println!("No devices found");
     }
     for d in devs {
+        let ro = if d.read_only { ", read-only" } else { "" };
         match &d.reason {
             Some(why) => println!("{}\t(unavailable: {why})", d.name),
-            None => println!("{}\t({} sectors, {})", d.name, d.size_sectors, state_word(d.state).to_lowercase()),
+            None => println!("{}\t({} sectors, {}{ro})", d.name, d.size_sectors, state_word(d.state).to_lowercase()),
         }
     }
     Ok(())
@@ -69,7 +70,7 @@ pub fn print_infos(devs: &[DeviceInfo], as_json: bool) -> Result<()> {
             (false, false) => "NONE",
         };
         println!("Name:              {}", d.name);
-        println!("State:             {}", state_word(d.state));
+        println!("State:             {}{}", state_word(d.state), if d.read_only { " (READ-ONLY)" } else { "" });
         if let Some(why) = &d.reason {
             println!("Reason:            {why}");
         }

@@ -406,6 +406,54 @@ fn qemu_io_patterns_on_striped() {
     check_layout(&segs, 1088 * KIB, &vec![0x05; 956 * 1024]);
 }
 
+/// `create --readonly`: the device refuses writes with EPERM (also when a client sends
+/// one it was told not to), is advertised read-only over NBD, says so in `info` and
+/// `ls`, and stays so across a restart.
+#[test]
+fn a_readonly_device_is_exported_read_only_and_refuses_writes() {
+    require!("nbdinfo", "nbdsh", "qemu-io");
+    let mut d = Daemon::start();
+    let a = d.path("a.img");
+    fill_file(&a, 0x5a, MIB as usize);
+    d.cli_ok(&["create", "ro", "--readonly", "--table", &format!("0 2048 linear {} 0", a.display())]);
+    let check = |d: &Daemon| {
+        let e = nbdinfo_json(&["--json", &d.uri("ro")]);
+        let e = &e["exports"][0];
+        assert_eq!(e["is_read_only"], true, "{e}");
+        for f in ["can_fua", "can_trim", "can_zero"] {
+            assert_eq!(e[f], false, "{f}: {e}");
+        }
+        assert_eq!(e["can_flush"], true, "{e}");
+        assert_eq!(d.info("ro")["read_only"], true);
+        assert!(d.cli_ok(&["info", "ro"]).contains("State:             ACTIVE (READ-ONLY)"));
+        assert!(d.cli_ok(&["ls"]).contains("ro\t(2048 sectors, active, read-only)"));
+        let out = run_ok(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", &d.uri("ro")]));
+        assert!(out.contains("read 65536/65536"), "{out}");
+        // A client that ignores the flag (libnbd's strict mode off) gets EPERM for every
+        // kind of write; the file is untouched.
+        let script = format!(
+            "import errno\nh.set_strict_mode(0)\nh.connect_uri({:?})\n\
+             for name, f in [('write', lambda: h.pwrite(b'x' * 512, 0)), ('trim', lambda: h.trim(512, 0)), \
+             ('zero', lambda: h.zero(512, 0)), ('fua', lambda: h.pwrite(b'x' * 512, 0, nbd.CMD_FLAG_FUA))]:\n\
+             \x20   try:\n        f()\n        print(name, 'OK')\n\
+             \x20   except nbd.Error as e:\n        print(name, errno.errorcode.get(e.errno, e.errno))\n\
+             h.flush()\nprint('flush OK')",
+            d.uri("ro")
+        );
+        let out = run_ok(nbdsh().args(["-c", &script]));
+        assert_eq!(out, "write EPERM\ntrim EPERM\nzero EPERM\nfua EPERM\nflush OK\n");
+        assert_eq!(std::fs::read(&a).unwrap(), vec![0x5a; MIB as usize]);
+    };
+    check(&d);
+    d.restart();
+    check(&d);
+    // A writable device beside it is not affected.
+    let b = d.make_file_s("b.img", MIB);
+    d.create("rw", &format!("0 2048 linear {b} 0"));
+    assert_eq!(d.info("rw")["read_only"], false);
+    qemu_io_ok(&d.uri("rw"), &["write -P 0x11 0 4k", "read -P 0x11 0 4k"]);
+}
+
 /// A replicator control device holds no data: it is not exported (not listed, and
 /// refused by name with the reason), while its group's devices are.
 #[test]

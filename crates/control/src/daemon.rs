@@ -145,7 +145,7 @@ impl Daemon {
         ids.extend(companions.iter().map(|c| c.uuid.as_str()));
         self.unavailable.lock().retain(|(u, _)| !ids.contains(&u.as_str()));
         self.restoring.store(true, std::sync::atomic::Ordering::SeqCst);
-        let res = self.create_locked(&r.name, &r.table, Some(r.uuid.clone()), recs);
+        let res = self.create_locked(&r.name, &r.table, Some(r.uuid.clone()), recs, r.read_only);
         self.restoring.store(false, std::sync::atomic::Ordering::SeqCst);
         match res {
             Ok(created) => {
@@ -194,8 +194,9 @@ impl Daemon {
         table: &str,
         uuid: Option<String>,
         known: &[DeviceRecord],
+        read_only: bool,
     ) -> Result<Vec<String>, DaemonError> {
-        self.create_one(name, table, uuid)?;
+        self.create_one(name, table, uuid, read_only)?;
         let mut created = vec![name.to_string()];
         let companions: Vec<(String, String)> = self
             .devices
@@ -205,7 +206,7 @@ impl Daemon {
             .unwrap_or_default();
         for (cname, ctable) in companions {
             let cuuid = known.iter().find(|r| r.name == cname).map(|r| r.uuid.clone());
-            if let Err(e) = self.create_one(&cname, &ctable, cuuid) {
+            if let Err(e) = self.create_one(&cname, &ctable, cuuid, read_only) {
                 for n in created.iter().rev() {
                     if let Ok(d) = self.devices.take(n) {
                         d.shutdown();
@@ -218,7 +219,7 @@ impl Daemon {
         Ok(created)
     }
 
-    fn create_one(&self, name: &str, table: &str, uuid: Option<String>) -> Result<(), DaemonError> {
+    fn create_one(&self, name: &str, table: &str, uuid: Option<String>, read_only: bool) -> Result<(), DaemonError> {
         // Build before inserting, so a bad table leaves no device behind. The name and
         // UUID are checked first so the error for a duplicate is not a table error.
         if self.devices.get(name).is_some() {
@@ -240,6 +241,7 @@ impl Daemon {
                 return Err(e.into());
             }
         };
+        dev.set_read_only(read_only);
         dev.load(live);
         // A new device has no I/O in flight: nothing to wait for.
         dev.resume(SUSPEND_TIMEOUT)?;
@@ -335,7 +337,7 @@ impl Daemon {
             Request::Version => {
                 Ok(Response::Version { daemon: env!("CARGO_PKG_VERSION").to_string(), protocol: PROTOCOL_VERSION })
             }
-            Request::Create { name, table, uuid } => {
+            Request::Create { name, table, uuid, read_only } => {
                 let _g = self.ops.lock();
                 if let Some((rec, reason)) = self.unavailable(&name) {
                     return Err(DaemonError::Unavailable { name: rec.name, reason });
@@ -348,7 +350,7 @@ impl Daemon {
                         return Err(DaemonError::UuidInUse { uuid: u.clone(), name: r.name.clone() });
                     }
                 }
-                let created = self.create_locked(&name, &table, uuid, &[])?;
+                let created = self.create_locked(&name, &table, uuid, &[], read_only)?;
                 let recs: Vec<DeviceRecord> = created
                     .iter()
                     .filter_map(|n| self.devices.get(n))
@@ -602,6 +604,7 @@ fn record_of(d: &MappedDevice) -> Option<DeviceRecord> {
         uuid: d.uuid().to_string(),
         table: t.spec.to_string(),
         companion_of: None,
+        read_only: d.read_only(),
     })
 }
 
@@ -628,6 +631,7 @@ fn info_of(e: &Entry) -> DeviceInfo {
                 size_sectors: sectors,
                 live_table: false,
                 inactive_table: false,
+                read_only: r.read_only,
                 reason: Some(why.clone()),
             }
         }

@@ -5,7 +5,8 @@
 //! table in canonical text. Written atomically (temporary file, fsync, rename, fsync of
 //! the directory) after every change, so a crash leaves either the old or the new list.
 //!
-//! Layout (JSON): `{"format": 1, "devices": [{"name": .., "uuid": .., "table": ..}]}`.
+//! Layout (JSON): `{"format": 1, "devices": [{"name": .., "uuid": .., "table": ..}]}`;
+//! optional per device: `"companion_of": NAME`, `"read_only": true`.
 //!
 //! `lock` holds the running daemon's pid (text). One daemon per state directory
 //! (DESIGN 4.9): [`Store::open`] takes an exclusive `flock` on it, held as long as the
@@ -18,8 +19,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Version of `devices.json`. 1: first version.
-pub const STORE_FORMAT: u32 = 1;
+/// Newest version of `devices.json` this build reads and writes.
+/// - 1: first version.
+/// - 2: a device may be `"read_only": true`. Written only when one is: a daemon that
+///   knows only version 1 would bring such a device back writable, so it must refuse
+///   the file instead; without read-only devices the file stays version 1.
+pub const STORE_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceRecord {
@@ -30,6 +35,9 @@ pub struct DeviceRecord {
     /// `NAME-<dev_nr>` devices): recreated with their parent, not on their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub companion_of: Option<String>,
+    /// Created with `--readonly`: writes fail with EPERM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,8 +133,9 @@ impl Store {
         let path = self.file();
         let tmp = self.dir.join("devices.json.tmp");
         let io_err = |e| StoreError::Io { path: path.clone(), source: e };
-        let body = serde_json::to_vec_pretty(&StoreFile { format: STORE_FORMAT, devices: devices.to_vec() })
-            .expect("records serialise");
+        let format = if devices.iter().any(|d| d.read_only) { 2 } else { 1 };
+        let body =
+            serde_json::to_vec_pretty(&StoreFile { format, devices: devices.to_vec() }).expect("records serialise");
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_err)?;
         f.write_all(&body).map_err(io_err)?;
         f.sync_all().map_err(io_err)?;
@@ -145,10 +154,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
         assert!(s.load().unwrap().is_empty());
-        let recs =
-            vec![DeviceRecord { name: "a".into(), uuid: "u".into(), table: "0 8 zero\n".into(), companion_of: None }];
+        let recs = vec![DeviceRecord {
+            name: "a".into(),
+            uuid: "u".into(),
+            table: "0 8 zero\n".into(),
+            companion_of: None,
+            read_only: true,
+        }];
         s.save(&recs).unwrap();
         assert_eq!(s.load().unwrap(), recs);
+        let format = |s: &Store| -> u64 {
+            serde_json::from_slice::<serde_json::Value>(&fs::read(s.file()).unwrap()).unwrap()["format"]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(format(&s), 2, "a read-only device needs format 2");
+        s.save(&[DeviceRecord { read_only: false, ..recs[0].clone() }]).unwrap();
+        assert_eq!(format(&s), 1, "without read-only devices the file stays readable by older daemons");
         fs::write(s.file(), b"{\"format\": 99, \"devices\": []}").unwrap();
         assert!(s.load().unwrap_err().to_string().contains("newer"));
     }

@@ -13,7 +13,7 @@
 //! requests and ends the wait at once, a resume cancels it.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,6 +151,8 @@ pub struct MappedDevice {
     inactive: Mutex<Option<Arc<LiveTable>>>,
     gate: Arc<Gate>,
     open_count: AtomicU32,
+    /// Writes fail with EPERM (`create --readonly`); NBD advertises the export read-only.
+    read_only: AtomicBool,
     /// Serialises suspend/resume/load against each other (never held while a suspend
     /// waits for in-flight I/O).
     lifecycle: Mutex<()>,
@@ -220,6 +222,7 @@ impl MappedDevice {
                 cond: Condvar::new(),
             }),
             open_count: AtomicU32::new(0),
+            read_only: AtomicBool::new(false),
             lifecycle: Mutex::new(()),
         })
     }
@@ -243,6 +246,15 @@ impl MappedDevice {
 
     pub fn supports_discard(&self) -> bool {
         self.live.read().as_ref().map(|t| t.supports_discard()).unwrap_or(false)
+    }
+
+    /// Whether writes are refused (EPERM), whatever the table.
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::SeqCst)
+    }
+
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::SeqCst);
     }
 
     /// Whether the device holds data to export: false only when its active table has a
@@ -530,6 +542,7 @@ impl MappedDevice {
             size_sectors: size / crate::units::SECTOR_SIZE,
             live_table: live.is_some(),
             inactive_table: self.inactive.lock().is_some(),
+            read_only: self.read_only(),
             reason: None,
         }
     }
@@ -557,6 +570,10 @@ impl MappedDevice {
             done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::NXIO.raw_os_error())));
             return;
         };
+        if req.op.is_write() && self.read_only() {
+            done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::PERM.raw_os_error())));
+            return;
+        }
         if req.op == Op::Flush {
             return flush_all(&table, req, done);
         }
@@ -879,6 +896,21 @@ mod tests {
         sink.wait().1.unwrap();
         assert!(dev.resume(Duration::from_millis(100)).unwrap());
         assert_eq!(dev.size(), 8192);
+    }
+
+    #[test]
+    fn a_read_only_device_refuses_writes_with_eperm() {
+        let (dev, targets) = device(1);
+        dev.set_read_only(true);
+        for op in [Op::Write { fua: false }, Op::Discard, Op::WriteZeroes { may_trim: true, fua: false }] {
+            let (_, r) = dev.submit_wait(Request::new(op, 0, 512, vec![0; 512], 0));
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(rustix::io::Errno::PERM.raw_os_error()), "{op:?}");
+        }
+        let (_, r) = dev.submit_wait(Request::new(Op::Read, 0, 512, vec![0; 512], 0));
+        r.unwrap();
+        let (_, r) = dev.submit_wait(Request::new(Op::Flush, 0, 0, Vec::new(), 0));
+        r.unwrap();
+        assert_eq!(targets[0].0.load(Ordering::SeqCst), 2, "only the read and the flush reach the target");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! Versions (one line per version, what changed):
 //! - 1: first version.
 //! - 2: `timeout_ms` on suspend and resume (a suspend that cannot drain gives up);
-//!   devices in state `unavailable` (recorded, not restored) with a `reason`.
+//!   devices in state `unavailable` (recorded, not restored) with a `reason`;
+//!   `read_only` on create and in info.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,9 @@ pub enum Request {
         name: String,
         table: String,
         uuid: Option<String>,
+        /// Writes fail with EPERM; NBD advertises the export read-only.
+        #[serde(default)]
+        read_only: bool,
     },
     /// Load `table` as the inactive table of an existing device.
     Load {
@@ -148,6 +152,9 @@ pub struct DeviceInfo {
     pub size_sectors: u64,
     pub live_table: bool,
     pub inactive_table: bool,
+    /// Writes are refused (EPERM).
+    #[serde(default)]
+    pub read_only: bool,
     /// Why an `unavailable` device is not there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -7,7 +7,8 @@
 //! `NBD_REP_ERR_UNSUP` and the negotiation goes on. Export names are mapped-device names;
 //! there is no default export (the empty name is unknown). A device that holds no data
 //! (a replicator control device) is not exported: not listed, and unknown to
-//! `INFO`/`GO`/`EXPORT_NAME`.
+//! `INFO`/`GO`/`EXPORT_NAME`. A read-only device is exported with `NBD_FLAG_READ_ONLY`
+//! (and without the write-only flags: FUA, TRIM, WRITE_ZEROES).
 
 use std::sync::Arc;
 
@@ -62,14 +63,16 @@ pub(crate) struct Limits {
 }
 
 /// The transmission flags for an export. `DF` only with structured replies, as the spec
-/// requires; the server always sends a read as one chunk, so `DF` costs nothing.
-pub(crate) fn transmission_flags(structured: bool) -> u16 {
-    let mut f = nbd::FLAG_HAS_FLAGS
-        | nbd::FLAG_SEND_FLUSH
-        | nbd::FLAG_SEND_FUA
-        | nbd::FLAG_SEND_TRIM
-        | nbd::FLAG_SEND_WRITE_ZEROES
-        | nbd::FLAG_CAN_MULTI_CONN;
+/// requires; the server always sends a read as one chunk, so `DF` costs nothing. A
+/// read-only export offers no flag that only writes use (as nbdkit does); a write sent
+/// anyway gets EPERM, as the spec asks.
+pub(crate) fn transmission_flags(structured: bool, read_only: bool) -> u16 {
+    let mut f = nbd::FLAG_HAS_FLAGS | nbd::FLAG_SEND_FLUSH | nbd::FLAG_CAN_MULTI_CONN;
+    if read_only {
+        f |= nbd::FLAG_READ_ONLY;
+    } else {
+        f |= nbd::FLAG_SEND_FUA | nbd::FLAG_SEND_TRIM | nbd::FLAG_SEND_WRITE_ZEROES;
+    }
     if structured {
         f |= nbd::FLAG_SEND_DF;
     }
@@ -126,7 +129,7 @@ pub(crate) fn negotiate(
                 let Some(dev) = lookup(devices, &name).filter(|d| d.holds_data()) else {
                     return Err(HandshakeError::UnknownExport(name));
                 };
-                ExportNameReply { size: dev.size(), flags: transmission_flags(structured) }
+                ExportNameReply { size: dev.size(), flags: transmission_flags(structured, dev.read_only()) }
                     .encode(flags.no_zeroes(), &mut out);
                 sock.send_all(&[&out])?;
                 return Ok(Some(Negotiated { open: dev.open(), device: dev, structured, export: name }));
@@ -218,7 +221,7 @@ fn info_replies(
     structured: bool,
     limits: &Limits,
 ) {
-    OptionReply::Info(InfoReply::Export { size: dev.size(), flags: transmission_flags(structured) })
+    OptionReply::Info(InfoReply::Export { size: dev.size(), flags: transmission_flags(structured, dev.read_only()) })
         .encode(option, out);
     let mut sent = [false; 4];
     for &info in &req.infos {
