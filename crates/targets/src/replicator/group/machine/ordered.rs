@@ -10,8 +10,8 @@ impl Machine {
     }
 
     /// The log is full (`needed` bytes): the SLINK that holds the log's oldest entries
-    /// leaves ordered mode, if it may and if leaving frees the space needed (and a good
-    /// share of the ring, so that a replica just behind another does not flap).
+    /// leaves ordered mode, if it may and if leaving frees the space needed and a good
+    /// share of the ring (so that a replica just behind another does not flap).
     /// Otherwise nobody leaves: writes wait for the copiers (SLINK 0, usually).
     pub(super) fn log_full_victim(&self, needed: u64) -> Option<SlinkNr> {
         let mut holders: Vec<(Seq, SlinkNr)> = self
@@ -28,7 +28,12 @@ impl Machine {
         // The holder's entries before the next holder's oldest are what leaving frees.
         let next = holders.iter().find(|(_, n)| *n != nr).map(|h| h.0).unwrap_or(Seq::MAX);
         let freed: u64 = self.slinks[&nr].outstanding.iter().take_while(|o| o.0 < next).map(|o| footprint(o.1)).sum();
-        let enough = needed.max(self.ring_len / 8);
+        // A reachable SLINK that ships (it throttles writes) is expelled only when it holds
+        // half the ring on its own: a replica that is merely a little behind another
+        // under a busy primary stays ordered and writes wait. One down or paused holds
+        // the log for nothing: an eighth is enough.
+        let share = if self.slinks[&nr].throttles() { 2 } else { 8 };
+        let enough = needed.max(self.ring_len / share);
         if freed < enough {
             tracing::debug!(group = %self.name, slink = nr, oldest, freed, enough, "log full: leaving would free too little; writes wait");
             return None;
