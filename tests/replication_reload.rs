@@ -50,6 +50,10 @@ fn slink_added_by_reload_gets_an_initial_sync_while_writes_go_on() {
     assert!(l == std::fs::read(&rd2).unwrap(), "RD2 equals LD");
     // The live table now has three SLINKs and survives a restart as such.
     assert!(d.cli_ok(&["table", "r0"]).contains(&rd2));
+    // The device's own table and status show the new SLINK too, without a restart.
+    assert!(d.cli_ok(&["table", "r0-0"]).contains(&rd2), "{}", d.cli_ok(&["table", "r0-0"]));
+    let dev = d.json(&["status", "r0-0"]);
+    assert_eq!(dev[0]["segments"][0]["detail"]["slinks"].as_array().unwrap().len(), 3, "{dev}");
     // Refused reloads leave the group as it is.
     let other_ld = d.make_file_s("other_ld", 32 << 20);
     let e = d.cli_err(&["load", "r0", "--table", &t2.replace(&ld, &other_ld)]);
@@ -161,6 +165,7 @@ fn reload_removes_an_slink_and_replaces_an_rd() {
     assert_eq!(slinks.len(), 2, "slink 2 left: {st}");
     qemu_io_ok(&d.uri("r0-0"), &["write -P 0x42 1M 1M"]);
     assert!(!d.cli_ok(&["table", "r0"]).contains(&rd2));
+    assert!(!d.cli_ok(&["table", "r0-0"]).contains(&rd2), "the device's table follows");
     // SLINK 1's RD replaced by a new, empty file: copied in full, then in order again.
     let rd1b = d.make_file_s("rd1b", 16 << 20);
     d.cli_ok(&["load", "r0", "--table", &format!("{head}{}", s1(&rd1b))]);

@@ -414,13 +414,52 @@ impl Daemon {
                 if !self.devices.get(&name).is_some_and(|d| Arc::ptr_eq(&d, &dev)) {
                     return Err(dmrep_core::device::DeviceError::Removed(name).into());
                 }
-                if dev.resume(timeout)? {
-                    let rec = record_of(&dev).expect("resumed with a table");
-                    self.persist(|r| match r.iter_mut().find(|x| x.uuid == rec.uuid) {
-                        Some(x) => x.table = rec.table,
-                        None => r.push(rec),
-                    })?;
-                    info!(device = %name, "new table active");
+                if !dev.resume(timeout)? {
+                    return Ok(Response::Ok);
+                }
+                let rec = record_of(&dev).expect("resumed with a table");
+                self.persist(|r| match r.iter_mut().find(|x| x.uuid == rec.uuid) {
+                    Some(x) => x.table = rec.table,
+                    None => r.push(rec),
+                })?;
+                info!(device = %name, "new table active");
+                // The devices the new table creates (a replicator's companions) take the
+                // tables it gives them now (an SLINK added or removed shows in them).
+                let stale: Vec<(Arc<MappedDevice>, String)> = dev
+                    .live_table()
+                    .map(|t| t.targets().flat_map(|(_, t)| t.companions()).collect::<Vec<_>>())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(cname, ctable)| {
+                        let c = self.devices.get(&cname)?;
+                        let now = c.live_table().map(|t| t.spec.to_string());
+                        let new = dmrep_formats::table::parse_table(&ctable).ok()?.to_string();
+                        (now.as_deref() != Some(new.as_str())).then_some((c, ctable))
+                    })
+                    .collect();
+                for (c, ctable) in &stale {
+                    c.load(self.build(&c.name(), ctable)?);
+                }
+                drop(_g);
+                for (c, _) in stale {
+                    let cname = c.name();
+                    let swapped = c.quiesce(timeout, Quiesce::Swap).and_then(|()| {
+                        let _g = self.ops.lock();
+                        c.resume(timeout)
+                    });
+                    match swapped {
+                        Ok(_) => {
+                            if let Some(rec) = record_of(&c) {
+                                self.persist(|r| {
+                                    if let Some(x) = r.iter_mut().find(|x| x.uuid == rec.uuid) {
+                                        x.table = rec.table;
+                                    }
+                                })?;
+                            }
+                            info!(device = %cname, "table follows its control device's");
+                        }
+                        Err(e) => warn!(device = %cname, "table not refreshed from its control device: {e}"),
+                    }
                 }
                 Ok(Response::Ok)
             }
