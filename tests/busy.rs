@@ -68,3 +68,51 @@ fn log_full_under_fio_qd32_never_expels_a_healthy_replica() {
     assert!(o.status.success(), "{}", show(&o));
     assert!(std::fs::read(&ld).unwrap() == std::fs::read(&rd).unwrap(), "RD equals LD");
 }
+
+/// Issue 8, defect 6: at QD32 against `ios=100`, fall-behind used to flap on every batch
+/// (9,602 "slink mode changed" lines in 5 s). Mode changes now have hysteresis and their
+/// log lines are rate-limited (one a second per SLINK, with the number not logged).
+#[test]
+fn fall_behind_at_qd32_does_not_flood_the_log() {
+    require!("fio");
+    let d = Daemon::start();
+    let ld = d.make_file_s("ld", 64 << 20);
+    let rd = d.make_file_s("rd", 64 << 20);
+    let log = d.make_file_s("replog", 64 << 20);
+    d.create(
+        "r0",
+        &format!(
+            "0 131072 replicator default 4 {log} 0 auto 131072 local 2 0 async 2 0 {ld} - 0 \
+             local 3 1 async ios=100 2 0 {rd} core 2 2048 nosync"
+        ),
+    );
+    let st = Command::new("fio")
+        .current_dir(d.dir())
+        .args([
+            "--name=flap",
+            "--ioengine=nbd",
+            &format!("--uri={}", d.uri("r0-0")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--time_based",
+            "--runtime=4",
+            "--size=64M",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let lines = d.log_text().matches("slink mode changed").count();
+    assert!(lines <= 20, "{lines} mode-change lines in 4 s of QD32");
+    let st = d.json(&["status", "r0"]);
+    let s1 =
+        st[0]["segments"][0]["detail"]["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == 1).unwrap().clone();
+    assert_eq!(s1["sync"]["ordered"], true, "{s1}");
+    // Each forced period lasts at least 200 ms: at most ~10 switches a second.
+    let switches = s1["mode_switches"].as_u64().unwrap();
+    assert!(switches <= 60, "{switches} mode switches in 4 s: {s1}");
+    eprintln!("mode switches: {switches}, log lines: {lines}");
+}

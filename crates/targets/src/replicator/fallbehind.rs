@@ -96,11 +96,21 @@ pub fn mode(policy: &Policy, t: &Thresholds, lag: &Lag) -> InForce {
 pub const RELEASE_NUM: u64 = 3;
 pub const RELEASE_DEN: u64 = 4;
 
-/// The mode for `policy` at `lag`, from mode `current`: forced synchronous starts at a
-/// threshold and ends only under [`RELEASE_NUM`]/[`RELEASE_DEN`] of every threshold.
-pub fn next_mode(policy: &Policy, t: &Thresholds, lag: &Lag, current: InForce) -> InForce {
+/// Shortest time an SLINK stays forced synchronous once it got there: with a lag that
+/// hovers at the bound, the share alone still allows a switch every few batches (over a
+/// hundred a second at queue depth 32); this bounds it to a few a second, at the cost of
+/// writes waiting for an SLINK that is already under its bound for at most this long.
+pub const MIN_FORCED: Duration = Duration::from_millis(200);
+
+/// The mode for `policy` at `lag`, from mode `current` (in force for `held`): forced
+/// synchronous starts at a threshold and ends only under [`RELEASE_NUM`]/[`RELEASE_DEN`]
+/// of every threshold, and not before [`MIN_FORCED`].
+pub fn next_mode(policy: &Policy, t: &Thresholds, lag: &Lag, current: InForce, held: Duration) -> InForce {
     let m = mode(policy, t, lag);
     if m == InForce::Asynchronous && current == InForce::ForcedSynchronous {
+        if held < MIN_FORCED {
+            return InForce::ForcedSynchronous;
+        }
         let release = Thresholds {
             ios: t.ios.map(|l| (l * RELEASE_NUM / RELEASE_DEN).max(1)),
             bytes: t.bytes.map(|l| (l * RELEASE_NUM / RELEASE_DEN).max(1)),
@@ -157,11 +167,17 @@ mod tests {
     fn forced_mode_has_hysteresis() {
         let t = Thresholds { ios: Some(100), ..Default::default() };
         let lag = |ios| Lag { ios, ..Default::default() };
-        assert_eq!(next_mode(&ASYNC, &t, &lag(100), InForce::Asynchronous), InForce::ForcedSynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(99), InForce::ForcedSynchronous), InForce::ForcedSynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(75), InForce::ForcedSynchronous), InForce::ForcedSynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(74), InForce::ForcedSynchronous), InForce::Asynchronous);
-        assert_eq!(next_mode(&ASYNC, &t, &lag(99), InForce::Asynchronous), InForce::Asynchronous);
+        let long = MIN_FORCED;
+        assert_eq!(next_mode(&ASYNC, &t, &lag(100), InForce::Asynchronous, long), InForce::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(99), InForce::ForcedSynchronous, long), InForce::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(75), InForce::ForcedSynchronous, long), InForce::ForcedSynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(74), InForce::ForcedSynchronous, long), InForce::Asynchronous);
+        assert_eq!(next_mode(&ASYNC, &t, &lag(99), InForce::Asynchronous, long), InForce::Asynchronous);
+        // Not before MIN_FORCED, whatever the lag.
+        assert_eq!(
+            next_mode(&ASYNC, &t, &lag(0), InForce::ForcedSynchronous, Duration::ZERO),
+            InForce::ForcedSynchronous
+        );
     }
 
     #[test]

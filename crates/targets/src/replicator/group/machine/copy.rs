@@ -9,7 +9,12 @@ impl Machine {
             // break the crash-replay order rule.
             return Effects::default();
         }
-        let Some(rt) = self.slinks.get(&nr) else { return Effects::default() };
+        let name = &self.name;
+        let Some(rt) = self.slinks.get_mut(&nr) else { return Effects::default() };
+        // Time-based mode changes (a dwell ending, a `timeout` threshold) are seen here,
+        // at least every tick, so status shows the mode in force even when idle.
+        rt.update_mode(name, nr, now);
+        let rt = &self.slinks[&nr];
         if rt.leaving {
             return Effects::default();
         }

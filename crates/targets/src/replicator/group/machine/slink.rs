@@ -46,6 +46,8 @@ pub(crate) struct SlinkRt {
     /// The mode in force (what status shows).
     pub mode: InForce,
     pub mode_since: SystemTime,
+    /// When the mode in force last changed (for the forced-synchronous dwell time).
+    pub(super) mode_at: Instant,
     pub mode_switches: u64,
     /// Mode changes not logged (rate limit), and when one was last logged.
     pub(super) mode_unlogged: u64,
@@ -85,6 +87,7 @@ impl SlinkRt {
             outstanding: VecDeque::new(),
             out_bytes: 0,
             mode_since: SystemTime::now(),
+            mode_at: now,
             mode_switches: 0,
             mode_unlogged: 0,
             mode_logged: None,
@@ -150,7 +153,8 @@ impl SlinkRt {
     /// throttle, so it is shown (and treated) as asynchronous whatever its lag.
     pub(super) fn update_mode(&mut self, group: &str, nr: SlinkNr, now: Instant) {
         let m = if self.policy.is_synchronous() || self.throttles() {
-            fallbehind::next_mode(&self.policy, &self.thresholds, &self.lag(now), self.mode)
+            let held = now.saturating_duration_since(self.mode_at);
+            fallbehind::next_mode(&self.policy, &self.thresholds, &self.lag(now), self.mode, held)
         } else {
             InForce::Asynchronous
         };
@@ -159,6 +163,7 @@ impl SlinkRt {
         }
         let from = std::mem::replace(&mut self.mode, m);
         self.mode_since = SystemTime::now();
+        self.mode_at = now;
         self.mode_switches += 1;
         if self.mode_logged.is_none_or(|t| now.saturating_duration_since(t) >= MODE_LOG_EVERY) {
             info!(group, slink = nr, ?from, to = ?m, lag = ?self.lag(now), unlogged = self.mode_unlogged, "slink mode changed");
