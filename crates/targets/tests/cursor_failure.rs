@@ -215,13 +215,14 @@ fn a_failed_cursor_commit_stops_the_copier_before_the_next_epoch() {
         assert!(acks.wait(i));
     }
     wait_quiet(&group, 0);
-    // Let SLINK 0's last cursor commit land.
+    // SLINK 0's last cursor commit has landed (it would otherwise take the failed sync).
     let end = Instant::now() + Duration::from_secs(10);
-    while log_dev.unsynced_writes() > 0 {
-        assert!(Instant::now() < end);
+    while group.status().log.slinks.iter().find(|s| s.slink == 0).map(|s| s.cursor) != Some(3)
+        || log_dev.unsynced_writes() > 0
+    {
+        assert!(Instant::now() < end, "slink 0's cursor never reached 3");
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(100));
     log_dev.faults().fail(IoOp::Sync, Fault::Eio, Trigger::Next(1));
     group.set_paused(1, false).unwrap();
     let end = Instant::now() + Duration::from_secs(10);
