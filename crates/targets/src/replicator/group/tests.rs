@@ -60,6 +60,8 @@ struct Harness {
     now: Instant,
     /// The SLINK whose copier ran last (whose cursor an effect persists).
     last_copier: SlinkNr,
+    /// Every entry appended, in log order: (seq, dev, offset, len, fill byte).
+    history: Vec<(u64, DevNr, u64, u32, u8)>,
 }
 
 fn handler_with(
@@ -94,7 +96,18 @@ impl Harness {
         }
         let now = Instant::now();
         let m = Machine::new("t", log.clone(), true, false, setups, now).unwrap();
-        let mut h = Harness { m, log, log_dev, devs, handlers, replies: Arc::default(), tag: 0, now, last_copier: 0 };
+        let mut h = Harness {
+            m,
+            log,
+            log_dev,
+            devs,
+            handlers,
+            replies: Arc::default(),
+            tag: 0,
+            now,
+            last_copier: 0,
+            history: Vec::new(),
+        };
         for (nr, _, _) in rds {
             for d in dev_nrs {
                 h.attach_dirty(*nr, *d, false);
@@ -151,7 +164,14 @@ impl Harness {
     fn io_result(&mut self, io: Io) -> Event {
         match io {
             Io::Append(batch) => {
-                let result = self.log.append(&batch.entries());
+                let entries = batch.entries();
+                let result = self.log.append(&entries);
+                if let Ok(metas) = &result {
+                    for (m, e) in metas.iter().zip(&entries) {
+                        self.history.push((m.seq, m.dev_nr, m.offset, m.len, e.data.first().copied().unwrap_or(0)));
+                    }
+                }
+                drop(entries);
                 Event::Appended { batch, took: Duration::ZERO, result }
             }
             Io::FlushDirty(logs) => Event::DirtyFlushed { result: logs.iter().try_for_each(|l| l.flush()) },
@@ -314,6 +334,8 @@ impl Harness {
         self.m.slinks[&nr].ordered && !self.m.slinks[&nr].leaving()
     }
 }
+
+mod proptests;
 
 /// R2: a `sync` dirty log attached (a new replicator-dev) while another device's batch
 /// is being appended: the batch, planned with SLINK 1 ordered, lands after SLINK 1 left
