@@ -9,6 +9,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// fio writing 4 KiB blocks at random at queue depth 32 to `dev` for `secs` seconds.
+fn fio_qd32(d: &Daemon, dev: &str, secs: u32) -> Command {
+    let mut c = Command::new("fio");
+    c.current_dir(d.dir())
+        .args(["--name=busy", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based"])
+        .arg(format!("--uri={}", d.uri(dev)))
+        .arg(format!("--runtime={secs}"))
+        .arg("--size=64M")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
 #[test]
 fn log_full_under_fio_qd32_never_expels_a_healthy_replica() {
     require!("fio");
@@ -25,24 +39,7 @@ fn log_full_under_fio_qd32_never_expels_a_healthy_replica() {
              local 2 1 async 2 0 {rd} disk 3 {dl} 2048 nosync"
         ),
     );
-    let child = Command::new("fio")
-        .current_dir(d.dir())
-        .args([
-            "--name=busy",
-            "--ioengine=nbd",
-            &format!("--uri={}", d.uri("r0-0")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--time_based",
-            "--runtime=6",
-            "--size=64M",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = fio_qd32(&d, "r0-0", 6).spawn().unwrap();
     let mut fio = KillOnDrop(child);
     let start = Instant::now();
     let mut samples = 0;
@@ -86,24 +83,7 @@ fn fall_behind_at_qd32_does_not_flood_the_log() {
              local 3 1 async ios=100 2 0 {rd} core 2 2048 nosync"
         ),
     );
-    let st = Command::new("fio")
-        .current_dir(d.dir())
-        .args([
-            "--name=flap",
-            "--ioengine=nbd",
-            &format!("--uri={}", d.uri("r0-0")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--time_based",
-            "--runtime=4",
-            "--size=64M",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
+    let st = fio_qd32(&d, "r0-0", 4).status().unwrap();
     assert!(st.success());
     let lines = d.log_text().matches("slink mode changed").count();
     assert!(lines <= 20, "{lines} mode-change lines in 4 s of QD32");

@@ -34,6 +34,8 @@
 //! Format versions (one line per version, what changed):
 //! - 1: first version (the layout `dirty/disk.rs` wrote before it moved here).
 
+use crate::le::*;
+
 /// On-disk format version written by this build. Any other version is refused: a newer
 /// layout may mean something this build does not know, and 0 was never written.
 pub const FORMAT_VERSION: u32 = 1;
@@ -256,23 +258,6 @@ pub fn decode_block(b: &[u8], index: u32) -> Result<[u64; WORDS_PER_BLOCK], Deco
         *w = get_u64(b, 8 * i);
     }
     Ok(words)
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-fn get_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

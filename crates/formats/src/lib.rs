@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod dirtylog;
+mod le;
 pub mod nbd;
 pub mod replicator_table;
 pub mod replog;
