@@ -454,6 +454,14 @@ fn r3_removed_device_does_not_stop_its_slinks() {
     assert!(!h.handlers[&0].has_device(1), "LD detached once drained");
     assert_eq!(&h.image(0, 1)[..4096], &[9u8; 4096][..], "acknowledged writes reached the LD");
     assert_eq!(&h.image(1, 0)[..4096], &[8u8; 4096][..]);
+    // The device comes back under the same number with a `nosync` dirty log: its RD
+    // missed the skipped writes, so it is copied in full anyway.
+    h.handlers[&0].attach(1, "mem:0:1", DEV).unwrap();
+    h.handlers[&1].attach(1, "mem:1:1", DEV).unwrap();
+    h.attach_dirty(1, 1, false);
+    h.settle();
+    assert!(h.ordered(1));
+    h.assert_copy_equal(1);
 }
 
 /// R5: an entry that cannot be read back from the log is a log error (writes refused),

@@ -159,10 +159,19 @@ impl Machine {
     /// every entry of it (acknowledged writes reach the LD).
     pub(super) fn remove_device(&mut self, dev: DevNr) {
         self.removed.insert(dev);
+        // An RD that lacks writes of the device (dirty regions, or entries still to
+        // ship, which its SLINK will skip) has missed them: if the device comes back under
+        // the same number, that RD is copied in full, whatever its dirty log says.
+        for (nr, rt) in &self.slinks {
+            let dirty = self.dirty.get(&(*nr, dev)).is_some_and(|(l, _)| l.dirty_count() > 0);
+            let backlog = self.last_needed(dev, *nr) > 0;
+            if *nr != 0 && (dirty || backlog || !rt.ordered) {
+                self.missed.insert((*nr, dev));
+            }
+        }
         self.dirty.retain(|(_, d), _| *d != dev);
         self.in_copy.retain(|k| k.1 != dev);
         self.touched.retain(|k| k.1 != dev);
-        self.missed.retain(|k| k.1 != dev);
         for (nr, rt) in self.slinks.iter() {
             if *nr != 0 {
                 rt.handler.detach(dev);

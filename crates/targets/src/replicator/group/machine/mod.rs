@@ -470,6 +470,23 @@ impl Machine {
         done.iter().map(|s| self.awaiting.remove(s).expect("present")).collect()
     }
 
+    /// The seq of the last entry of device `dev` that SLINK `nr` still needs (0: none).
+    fn last_needed(&self, dev: DevNr, nr: SlinkNr) -> Seq {
+        let Some(rt) = self.slinks.get(&nr) else { return 0 };
+        let Some(&(last, _, _)) = rt.outstanding.back() else { return 0 };
+        let mut found = 0;
+        let mut from = rt.durable + 1;
+        while from <= last {
+            let metas = self.log.entries_from(from, 4096);
+            let Some(end) = metas.last().map(|m| m.seq) else { break };
+            for m in metas.iter().filter(|m| m.seq <= last && m.dev_nr == dev && m.slinks.contains(nr)) {
+                found = m.seq;
+            }
+            from = end + 1;
+        }
+        found
+    }
+
     /// The devices of the group: the LDs attached to SLINK 0, less removed ones.
     fn devices(&self) -> Vec<DevNr> {
         self.slinks[&0].handler.devices().into_iter().filter(|d| !self.removed.contains(d)).collect()
