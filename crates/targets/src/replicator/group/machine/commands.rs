@@ -54,8 +54,9 @@ impl Machine {
             Control::Invalidate(slink) => return self.invalidate(now, slink),
             Control::RemoveSlink(nr) => self.remove_slink(nr, &mut fx)?,
             Control::Freeze(on) => {
-                self.frozen = on;
-                info!(group = %self.name, "group writes {}", if on { "held (control device suspended)" } else { "released" });
+                if std::mem::replace(&mut self.frozen, on) != on {
+                    info!(group = %self.name, "group writes {}", if on { "held (control device suspended)" } else { "released" });
+                }
             }
             Control::ResyncRate { slink, rate } => {
                 let rt = self.slinks.get_mut(&slink).ok_or(GroupError::NoSlink(slink))?;
