@@ -480,6 +480,28 @@ fn r5_log_read_failure_is_a_log_error() {
     assert_eq!(h.replies.errno(t), Some(rustix::io::Errno::IO.raw_os_error()));
 }
 
+/// R5, with a corrupt entry: an entry whose data no longer matches its crc when it is
+/// read back from the log (no longer cached) is a log error, not a site outage, and its
+/// bytes never reach the site.
+#[test]
+fn r5_corrupt_entry_read_back_is_a_log_error() {
+    let mut h = Harness::new(&[0], &[(1, ASYNC, Thresholds::default())], 8 << 20);
+    h.write(0, 0, 0x61, 4096);
+    h.append_all();
+    h.copy_all(0);
+    h.m.cache.clear();
+    let e = h.log.entries_from(0, 16).pop().expect("the entry");
+    // Flip a byte of its data on the log device (ring at byte 8192, data after the
+    // 512-byte header).
+    let at = dmrep_formats::replog::RING_OFFSET + e.ring_pos() + 512 + 100;
+    h.log_dev.poke(at, &[0x66]);
+    h.copy_all(1);
+    let err = h.m.log_error.as_ref().expect("a log error").to_string();
+    assert!(err.contains("reading entry") && err.contains("slink 1"), "{err}");
+    assert!(h.m.slinks[&1].accessible());
+    assert_eq!(h.image(1, 0)[100], 0, "the corrupt bytes never reached the RD");
+}
+
 /// R8: shutdown with an append in flight: every request gets a reply.
 #[test]
 fn r8_shutdown_with_an_append_in_flight_answers_everyone() {
