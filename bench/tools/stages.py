@@ -231,6 +231,8 @@ def counters(before, after, title):
 print("## Log append with and without the RD copier\n")
 counters("st-before.json", "st-after.json", "copiers running")
 counters("st-paused-before.json", "st-paused-after.json", "SLINK 1 (RD) paused")
+counters("st-shm-before.json", "st-shm-after.json", "LD and RD in /dev/shm (log alone on the disk)")
+print(f"- rep-shm fio: {fio('rep-shm')['iops']:.0f} IOPS, mean {1e6 / fio('rep-shm')['iops']:.0f} us")
 print(f"- rep-paused fio: {fio('rep-paused')['iops']:.0f} IOPS, mean {1e6 / fio('rep-paused')['iops']:.0f} us\n")
 
 print("## Stages of a replicated 4k write at QD1 (perf trace -a)\n")
