@@ -24,6 +24,12 @@ use super::machine::Event;
 use super::{Inner, Seq, SlinkNr, TICK};
 use crate::replicator::log::LogError;
 
+/// How long the committer waits for more cursors before a commit: about one copier's
+/// apply on a disk (write + sync), so the cursors of SLINKs finishing the same epoch
+/// share one superblock sync. Copiers do not wait for it (a copier waits only for the
+/// ticket of the epoch before its previous one).
+const GATHER: std::time::Duration = std::time::Duration::from_micros(300);
+
 /// Persisting cursors failed: the order rule cannot be kept, shipping stops.
 #[derive(Debug)]
 pub(super) struct CursorsFailed;
@@ -92,6 +98,15 @@ pub(super) fn run(inner: &Inner) {
                     return;
                 }
                 c.cv.wait_for(&mut st, TICK);
+            }
+            // Gather: the other SLINKs' copiers finish their epochs at about the same
+            // time; a short wait lets one superblock sync carry all their cursors (it
+            // competes with the log's own sync on the disk). No write waits for it.
+            let until = Instant::now() + GATHER;
+            while !st.stop && Instant::now() < until {
+                if c.cv.wait_until(&mut st, until).timed_out() {
+                    break;
+                }
             }
             (std::mem::take(&mut st.pending), st.requested)
         };
