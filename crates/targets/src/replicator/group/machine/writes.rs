@@ -10,7 +10,8 @@ impl Machine {
             return fx;
         }
         if let Some(e) = &self.log_error {
-            warn!(group = %self.name, "write refused: {e}");
+            // (The log error itself was logged once, when it happened: not per write.)
+            tracing::debug!(group = %self.name, "write refused: {e}");
             let e = e.errno();
             fx.fail(req, done, e);
             return fx;
