@@ -277,17 +277,7 @@ fn suspending_the_control_device_holds_the_whole_group() {
 /// synchronous SLINK does to writes), and a client whose write to `r0-0` the group
 /// holds. When let go, the client prints `WRITE OK` or `WRITE ERR <errno name>`.
 fn group_holding_a_write(d: &Daemon) -> HoldingClient {
-    let ld = d.make_file_s("ld", 16 * MIB);
-    let rd = d.make_file_s("rd", 16 * MIB);
-    let log = d.make_file_s("replog", 8 * MIB);
-    d.create(
-        "r0",
-        &format!(
-            "0 32768 replicator default 4 {log} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
-             local 2 1 synchronous 2 0 {rd} core 2 2048 nosync"
-        ),
-    );
-    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    group_with_paused_sync_slink(d);
     let client = HoldingClient::start(
         &d.uri("r0-0"),
         "c = h.aio_pwrite(b'\\x22' * 4096, 0)",

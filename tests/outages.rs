@@ -843,17 +843,7 @@ fn a_write_larger_than_a_small_log_goes_through() {
 fn sigterm_while_a_write_waits_for_a_down_synchronous_slink_exits() {
     require!("nbdsh");
     let mut d = Daemon::start();
-    let ld = d.make_file_s("ld", 16 << 20);
-    let rd = d.make_file_s("rd", 16 << 20);
-    let log = d.make_file_s("replog", 8 << 20);
-    d.create(
-        "r0",
-        &format!(
-            "0 32768 replicator default 4 {log} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
-             local 2 1 synchronous 2 0 {rd} core 2 2048 nosync"
-        ),
-    );
-    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    group_with_paused_sync_slink(&d);
     let _client = HoldingClient::start(&d.uri("r0-0"), "c = h.aio_pwrite(b'\\x22' * 4096, 0)", "");
     let waiting = wait_until(Duration::from_secs(10), || {
         d.json(&["status", "r0"])[0]["segments"][0]["detail"]["awaiting_writes"] == 1

@@ -547,3 +547,21 @@ impl HoldingClient {
 }
 pub mod block;
 pub mod faulty;
+
+/// A paper-form group `r0` over 16 MiB devices: an LD and one synchronous RD on SLINK 1,
+/// with SLINK 1 paused: what a down synchronous SLINK does to writes (they wait for it).
+/// Returns the LD's and the RD's paths.
+pub fn group_with_paused_sync_slink(d: &Daemon) -> (String, String) {
+    let ld = d.make_file_s("ld", 16 << 20);
+    let rd = d.make_file_s("rd", 16 << 20);
+    let log = d.make_file_s("replog", 8 << 20);
+    d.create(
+        "r0",
+        &format!(
+            "0 32768 replicator default 4 {log} 0 auto 16384 local 2 0 asynchronous 2 0 {ld} - 0 \
+             local 2 1 synchronous 2 0 {rd} core 2 2048 nosync"
+        ),
+    );
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    (ld, rd)
+}
