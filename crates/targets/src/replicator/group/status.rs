@@ -123,12 +123,6 @@ impl Group {
         self.inner.m.lock().slinks.get(&nr).map(|rt| rt.lag(Instant::now()).ios)
     }
 
-    /// Synchronisation status of SLINK `nr`.
-    pub fn resync_status(&self, nr: SlinkNr) -> Option<ResyncStatus> {
-        let m = self.inner.m.lock();
-        m.slinks.contains_key(&nr).then(|| resync_status(&m, nr))
-    }
-
     /// Dirty and total regions of device `dev` on SLINK `nr`.
     pub fn device_regions(&self, nr: SlinkNr, dev: DevNr) -> Option<(u64, u64)> {
         self.inner.m.lock().dirty.get(&(nr, dev)).map(|(l, _)| (l.dirty_count(), l.regions()))
