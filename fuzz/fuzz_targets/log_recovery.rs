@@ -47,6 +47,7 @@ fn template() -> &'static [u8] {
                     len: a.len() as u32,
                     data: &a,
                     slinks: SlinkSet::from_slinks([1, 2]),
+                    origin: None,
                 },
                 NewEntry {
                     dev_nr: 1,
@@ -55,6 +56,7 @@ fn template() -> &'static [u8] {
                     len: 8192,
                     data: &[],
                     slinks: SlinkSet::from_slinks([1]),
+                    origin: None,
                 },
                 NewEntry {
                     dev_nr: 0,
@@ -63,6 +65,7 @@ fn template() -> &'static [u8] {
                     len: b.len() as u32,
                     data: &b,
                     slinks: SlinkSet::from_slinks([2]),
+                    origin: None,
                 },
                 NewEntry {
                     dev_nr: 2,
@@ -71,6 +74,7 @@ fn template() -> &'static [u8] {
                     len: 4096,
                     data: &[],
                     slinks: SlinkSet::new(),
+                    origin: None,
                 },
             ];
             let metas = log.append(&batch).expect("append");
@@ -154,7 +158,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let d = pattern(99, 4096);
-    let new = NewEntry { dev_nr: 0, offset: 0, kind: EntryKind::Write, len: 4096, data: &d, slinks: SlinkSet::new() };
+    let new = NewEntry { dev_nr: 0, offset: 0, kind: EntryKind::Write, len: 4096, data: &d, slinks: SlinkSet::new(), origin: None };
     let Ok(metas) = log.append(&[new]) else { return };
     let seq = metas[0].seq;
     drop(log);

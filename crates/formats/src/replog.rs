@@ -18,13 +18,17 @@
 //!
 //! Format versions (one line per version, what changed):
 //! - 1: first version.
+//! - 2: the superblock carries the site's role for the group, the group's UUID and
+//!   generation, and the origin floor (see [`SiteState`]); entry headers (entry version 2)
+//!   carry their origin seq and origin time. Version 1 logs open as a primary of
+//!   generation 1 whose group UUID is the log's UUID; version 1 entries have no origin.
 
 use crate::le::*;
 use serde::{Deserialize, Serialize};
 
 /// On-disk format version written by this build. Opening a log with a higher version
 /// is refused: its layout may mean something this build does not know.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Superblock magic: names the region as a dmrep log for `dmrep log dump` and for
 /// `auto`, which must not mistake arbitrary data for a log.
@@ -53,7 +57,9 @@ pub const RECORD_ALIGN: u64 = 512;
 pub const ENTRY_HEADER_SIZE: usize = 512;
 
 /// Entry header format version (independent of the superblock's, so entries can evolve).
-pub const ENTRY_VERSION: u16 = 1;
+/// 1: first version; 2: origin seq and origin time (in bytes that were reserved, zero, in
+/// version 1, so a version 1 header reads as "no origin").
+pub const ENTRY_VERSION: u16 = 2;
 
 /// Entry header magic, `b"DMRE"` read as a little-endian u32: tells a header from data
 /// when dumping a ring by hand.
@@ -252,9 +258,13 @@ impl<'de> Deserialize<'de> for SlinkSet {
 /// | 88 | 8 | head_seq | seq expected at head_pos |
 /// | 96 | 8 | next_epoch | floor for the next epoch, so epochs keep increasing across restarts of an empty log |
 /// | 104 | 2 | cursor count u16 | rows used in the table below |
-/// | 106 | 6 | reserved, zero | |
+/// | 106 | 1 | role u8: 1 primary, 2 secondary (version 2; version 1 reads as primary) | a site knows after a crash whether it may accept writes |
+/// | 107 | 5 | reserved, zero | |
 /// | 112 | 2560 | cursor table: 256 rows of (slink u16, applied_seq u64), sorted by slink | the highest seq each registered SLINK has durably applied |
-/// | 2672 | 1424 | reserved, zero | |
+/// | 2672 | 16 | group uuid (version 2; version 1 reads as the log uuid) | every site of a group has the same; a peer of another group is refused |
+/// | 2688 | 8 | group generation u64 (version 2; version 1 reads as 1) | grows with every promotion; fences stale primaries |
+/// | 2696 | 8 | origin floor u64 | highest origin seq durable in this log before its head: what a secondary has received even when its log is empty |
+/// | 2704 | 1392 | reserved, zero | |
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Superblock {
     /// Serialised as the usual hyphenated text.
@@ -271,6 +281,50 @@ pub struct Superblock {
     pub next_epoch: u64,
     /// `(slink, applied_seq)`, sorted by slink, unique, at most [`MAX_CURSORS`].
     pub cursors: Vec<(u16, u64)>,
+    /// The site's part in its group (version 2).
+    pub site: SiteState,
+}
+
+/// A site's role for its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteRole {
+    /// Accepts writes from applications and ships them to the other sites.
+    Primary = 1,
+    /// Receives the primary's stream; its devices are read-only.
+    Secondary = 2,
+}
+
+impl SiteRole {
+    pub fn from_u8(v: u8) -> Option<SiteRole> {
+        match v {
+            1 => Some(SiteRole::Primary),
+            2 => Some(SiteRole::Secondary),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteRole::Primary => "primary",
+            SiteRole::Secondary => "secondary",
+        }
+    }
+}
+
+/// What a site keeps about its group beside the log (superblock version 2, offsets 106
+/// and 2672..2704; see [`Superblock`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SiteState {
+    pub role: SiteRole,
+    /// Serialised as the usual hyphenated text.
+    #[serde(serialize_with = "uuid_text")]
+    pub group_uuid: [u8; 16],
+    /// Grows with every promotion (1 for a new group).
+    pub generation: u64,
+    /// Highest origin seq (the primary's seq) this log held before its head: a secondary's
+    /// "received" when every entry it received has been applied and dropped.
+    pub origin_floor: u64,
 }
 
 fn uuid_text<S: serde::Serializer>(u: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
@@ -316,11 +370,15 @@ impl Superblock {
         put_u64(&mut b, 88, self.head_seq);
         put_u64(&mut b, 96, self.next_epoch);
         put_u16(&mut b, 104, self.cursors.len() as u16);
+        b[106] = self.site.role as u8;
         for (i, &(slink, seq)) in self.cursors.iter().enumerate() {
             let o = CURSOR_TABLE_OFF + i * CURSOR_ROW;
             put_u16(&mut b, o, slink);
             put_u64(&mut b, o + 2, seq);
         }
+        b[2672..2688].copy_from_slice(&self.site.group_uuid);
+        put_u64(&mut b, 2688, self.site.generation);
+        put_u64(&mut b, 2696, self.site.origin_floor);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, 12, crc);
         b
@@ -372,6 +430,19 @@ impl Superblock {
             head_seq: get_u64(b, 88),
             next_epoch: get_u64(b, 96),
             cursors,
+            site: if version == 1 {
+                SiteState { role: SiteRole::Primary, group_uuid: uuid, generation: 1, origin_floor: 0 }
+            } else {
+                let mut group_uuid = [0u8; 16];
+                group_uuid.copy_from_slice(&b[2672..2688]);
+                SiteState {
+                    role: SiteRole::from_u8(b[106])
+                        .ok_or_else(|| SuperblockError::Invalid(format!("unknown site role {}", b[106])))?,
+                    group_uuid,
+                    generation: get_u64(b, 2688),
+                    origin_floor: get_u64(b, 2696),
+                }
+            },
         };
         sb.validate().map_err(SuperblockError::Invalid)?;
         Ok(sb)
@@ -394,8 +465,8 @@ impl Superblock {
         if self.head_pos >= self.ring_len || !self.head_pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("head position {} outside the ring or unaligned", self.head_pos));
         }
-        if self.head_seq == 0 || self.generation == 0 || self.incarnation == 0 {
-            return Err("head seq, generation and incarnation start at 1".into());
+        if self.head_seq == 0 || self.generation == 0 || self.incarnation == 0 || self.site.generation == 0 {
+            return Err("head seq, generation, group generation and incarnation start at 1".into());
         }
         for (name, v) in [
             ("generation", self.generation),
@@ -403,6 +474,8 @@ impl Superblock {
             ("fence seq", self.fence_seq),
             ("head seq", self.head_seq),
             ("next epoch", self.next_epoch),
+            ("group generation", self.site.generation),
+            ("origin floor", self.site.origin_floor),
         ] {
             if v > MAX_COUNTER {
                 return Err(format!("{name} {v} is beyond the counter limit {MAX_COUNTER}"));
@@ -478,9 +551,10 @@ impl RecordKind {
 /// | 56 | 8 | offset | bytes on the device |
 /// | 64 | 4 | dev_nr | which device of the group |
 /// | 68 | 4 | len | bytes: of data (write) or of the range (write-zeroes, discard) |
-/// | 72 | 8 | reserved, zero | |
+/// | 72 | 8 | origin seq (version 2) | the primary's seq of the entry at a secondary; 0 at the primary (the entry's own seq) |
 /// | 80 | 256 | SLINK bitmap (see [`SlinkSet`]) | the SLINKs that needed this entry when appended |
-/// | 336 | 176 | reserved, zero | |
+/// | 336 | 8 | origin time (version 2): microseconds since the Unix epoch when the primary appended it | lag in seconds, restore by time |
+/// | 344 | 168 | reserved, zero | |
 ///
 /// A write's data follows the header, padded with zeros to a multiple of 512.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -496,6 +570,10 @@ pub struct EntryHeader {
     pub dev_nr: u32,
     pub len: u32,
     pub slinks: SlinkSet,
+    /// The primary's seq of this entry (0: this log's own entry, origin seq = seq).
+    pub origin_seq: u64,
+    /// When the primary appended it, microseconds since the Unix epoch (0: unknown).
+    pub origin_time_us: u64,
 }
 
 /// Why 512 bytes are not a valid entry header.
@@ -503,7 +581,7 @@ pub struct EntryHeader {
 pub enum HeaderError {
     #[error("no entry magic")]
     NoMagic,
-    #[error("entry version {0} is not supported (this build reads {ENTRY_VERSION})")]
+    #[error("entry version {0} is not supported (this build reads 1 to {ENTRY_VERSION})")]
     Version(u16),
     #[error("header crc mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Crc { stored: u32, computed: u32 },
@@ -550,12 +628,23 @@ impl EntryHeader {
         put_u64(&mut b, 56, self.offset);
         put_u32(&mut b, 64, self.dev_nr);
         put_u32(&mut b, 68, self.len);
+        put_u64(&mut b, 72, self.origin_seq);
         for (i, w) in self.slinks.words().iter().enumerate() {
             put_u64(&mut b, 80 + 8 * i, *w);
         }
+        put_u64(&mut b, 336, self.origin_time_us);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, 8, crc);
         b
+    }
+
+    /// The primary's seq of this entry.
+    pub fn origin(&self) -> u64 {
+        if self.origin_seq == 0 {
+            self.seq
+        } else {
+            self.origin_seq
+        }
     }
 
     /// Decodes and checks magic, version, crc, kind and flags. Whether the header belongs
@@ -565,7 +654,7 @@ impl EntryHeader {
             return Err(HeaderError::NoMagic);
         }
         let version = get_u16(b, 4);
-        if version != ENTRY_VERSION {
+        if version == 0 || version > ENTRY_VERSION {
             return Err(HeaderError::Version(version));
         }
         let stored = get_u32(b, 8);
@@ -589,7 +678,9 @@ impl EntryHeader {
             return Err(HeaderError::WrapLen(len));
         }
         let (seq, epoch, incarnation) = (get_u64(b, 32), get_u64(b, 40), get_u64(b, 48));
-        for (field, value) in [("seq", seq), ("epoch", epoch), ("incarnation", incarnation)] {
+        let origin_seq = get_u64(b, 72);
+        for (field, value) in [("seq", seq), ("epoch", epoch), ("incarnation", incarnation), ("origin seq", origin_seq)]
+        {
             if value > MAX_COUNTER {
                 return Err(HeaderError::Counter { field, value });
             }
@@ -606,6 +697,8 @@ impl EntryHeader {
             dev_nr: get_u32(b, 64),
             len,
             slinks: SlinkSet::from_words(words),
+            origin_seq,
+            origin_time_us: get_u64(b, 336),
         })
     }
 }
@@ -635,6 +728,7 @@ mod tests {
             head_seq: 9,
             next_epoch: 5,
             cursors: vec![(0, 8), (3, 12), (2047, 1)],
+            site: SiteState { role: SiteRole::Secondary, group_uuid: [4; 16], generation: 6, origin_floor: 77 },
         }
     }
 
@@ -644,8 +738,12 @@ mod tests {
         let b = sb.encode();
         assert_eq!(b.len(), SB_SLOT_SIZE);
         assert_eq!(&b[0..8], b"DMREPLOG");
-        assert_eq!(get_u32(&b, 8), 1);
+        assert_eq!(get_u32(&b, 8), 2);
         assert_eq!(get_u64(&b, 56), 3);
+        assert_eq!(b[106], 2, "role");
+        assert_eq!(&b[2672..2688], &[4; 16], "group uuid");
+        assert_eq!(get_u64(&b, 2688), 6, "group generation");
+        assert_eq!(get_u64(&b, 2696), 77, "origin floor");
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
     }
 
@@ -663,11 +761,31 @@ mod tests {
     #[test]
     fn superblock_version_checks() {
         let mut b = sample_sb().encode();
-        put_u32(&mut b, 8, 2);
-        assert_eq!(Superblock::decode(&b), Err(SuperblockError::NewerVersion { found: 2, supported: 1 }));
+        put_u32(&mut b, 8, 3);
+        assert_eq!(Superblock::decode(&b), Err(SuperblockError::NewerVersion { found: 3, supported: 2 }));
         put_u32(&mut b, 8, 0);
         assert_eq!(Superblock::decode(&b), Err(SuperblockError::VersionZero));
         assert_eq!(Superblock::decode(&[0u8; 4096]), Err(SuperblockError::NoMagic));
+    }
+
+    /// A version 1 superblock (a log written before sites had roles) opens as a primary
+    /// of generation 1 whose group is named by the log's uuid, whatever its reserved bytes.
+    #[test]
+    fn superblock_version_1_reads_as_a_primary() {
+        let mut b = sample_sb().encode();
+        put_u32(&mut b, 8, 1);
+        b[106] = 0;
+        b[2672..2704].fill(0);
+        let crc = crc_with_zeroed(&b, 12);
+        put_u32(&mut b, 12, crc);
+        let sb = Superblock::decode(&b).unwrap();
+        assert_eq!(sb.site, SiteState { role: SiteRole::Primary, group_uuid: [7; 16], generation: 1, origin_floor: 0 });
+        // ... and an unknown role in a version 2 superblock is damage.
+        let mut b = sample_sb().encode();
+        b[106] = 9;
+        let crc = crc_with_zeroed(&b, 12);
+        put_u32(&mut b, 12, crc);
+        assert!(matches!(Superblock::decode(&b), Err(SuperblockError::Invalid(m)) if m.contains("role")));
     }
 
     #[test]
@@ -693,6 +811,8 @@ mod tests {
             dev_nr: 5,
             len: 4096,
             slinks: SlinkSet::from_slinks([0, 1, 2047]),
+            origin_seq: 1000,
+            origin_time_us: 1_800_000_000_000_000,
         }
     }
 
@@ -784,7 +904,7 @@ mod tests {
                 kind: RecordKind::from_u8(kind).unwrap(),
                 flags: if last { FLAG_EPOCH_END } else { 0 },
                 data_crc: crc, uuid: [9; 16], seq, epoch, incarnation: inc, offset, dev_nr: dev, len,
-                slinks: SlinkSet::from_slinks(slinks),
+                slinks: SlinkSet::from_slinks(slinks), origin_seq: seq / 2, origin_time_us: offset,
             };
             prop_assert_eq!(EntryHeader::decode(&h.encode()).unwrap(), h);
         }

@@ -697,3 +697,35 @@ fn frozen_group_appends_nothing_until_thawed() {
     h.settle();
     assert!(h.replies.ok(b));
 }
+
+/// SLINK 0 applies every epoch the log holds in one apply (one sync per LD), in log order
+/// so a later write of the same block wins; an RD gets one epoch per apply, each durable
+/// before the next (it must be a prefix state at every instant).
+#[test]
+fn ld_takes_many_epochs_at_once_rd_one_per_apply() {
+    let mut h = Harness::new(&[0, 1], &[(1, ASYNC, Thresholds::default())], 8 << 20);
+    // Three epochs (one group commit each); the third overwrites the first's block.
+    h.write(0, 0, 1, 4096);
+    h.append_all();
+    h.write(1, 8192, 2, 4096);
+    h.append_all();
+    h.write(0, 0, 3, 4096);
+    h.append_all();
+    let epochs: std::collections::BTreeSet<u64> = h.log.entries_from(1, 16).iter().map(|m| m.epoch).collect();
+    assert_eq!(epochs.len(), 3, "three group commits, three epochs");
+    let Some(Io::Apply(w)) = h.copier_io(0) else { panic!("SLINK 0 has work") };
+    assert_eq!(w.entries.len(), 3, "SLINK 0 takes the three epochs together");
+    h.last_copier = 0;
+    h.run(Io::Apply(w));
+    assert_eq!(h.image(0, 0)[0], 3, "the later write of block 0 wins on the LD");
+    assert_eq!(h.image(0, 1)[8192], 2);
+    for expect in 1..=3 {
+        let Some(Io::Apply(w)) = h.copier_io(1) else { panic!("SLINK 1 has work") };
+        assert_eq!(w.entries.len(), 1, "SLINK 1 takes one epoch");
+        assert_eq!(w.last, expect);
+        h.last_copier = 1;
+        h.run(Io::Apply(w));
+    }
+    assert!(h.copier_io(1).is_none());
+    h.assert_copy_equal(1);
+}

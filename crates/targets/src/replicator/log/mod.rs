@@ -116,6 +116,19 @@ pub struct NewEntry<'a> {
     pub data: &'a [u8],
     /// The SLINKs that must apply this entry before its space can be reused.
     pub slinks: SlinkSet,
+    /// Where the entry comes from: `None` for a write of this site (the primary's own
+    /// entry; its origin time is the append's); the primary's seq and time for an entry a
+    /// secondary received. Origin seqs must grow along the log.
+    pub origin: Option<Origin>,
+}
+
+/// An entry's place in the primary's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The primary's seq.
+    pub seq: u64,
+    /// When the primary appended it, microseconds since the Unix epoch.
+    pub time_us: u64,
 }
 
 /// An entry in the log, as returned by [`RingLog::append`] and [`RingLog::entries_from`].
@@ -131,6 +144,11 @@ pub struct EntryMeta {
     pub kind: EntryKind,
     /// The SLINKs that needed the entry when it was appended.
     pub slinks: SlinkSet,
+    /// The primary's seq of the entry (equal to `seq` at the primary).
+    pub origin_seq: u64,
+    /// When the primary appended it, microseconds since the Unix epoch (0: unknown,
+    /// an entry written before origin times were kept).
+    pub origin_time_us: u64,
     /// Ring offset of the header.
     pub(crate) pos: u64,
     pub(crate) data_crc: u32,

@@ -142,6 +142,7 @@ fn append(log: &RingLog, wants: &[Want]) -> Result<Vec<EntryMeta>, LogError> {
             len: w.len,
             data: d,
             slinks: w.slinks,
+            origin: None,
         })
         .collect();
     log.append(&batch)

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use dmrep_core::BlockBackend;
-use dmrep_formats::replog::SuperblockError;
 use dmrep_formats::replog::{
     pad_to_record, EntryHeader, RecordKind, SlinkSet, Superblock, ENTRY_HEADER_SIZE, FLAG_EPOCH_END, MAX_CURSORS,
     MAX_SLINKS, MIN_REGION_SIZE, RECORD_ALIGN, REGION_ALIGN, RING_OFFSET, SB_SLOT_SIZE,
 };
+use dmrep_formats::replog::{SiteRole, SiteState, SuperblockError};
 
 use super::recovery::{self, geometry, io_err};
 use super::space::{self, RingState};
@@ -63,6 +63,8 @@ struct Live {
     data_crc: u32,
     kind: EntryKind,
     slinks: Arc<SlinkSet>,
+    origin_seq: u64,
+    origin_time_us: u64,
 }
 
 impl Live {
@@ -75,6 +77,8 @@ impl Live {
             len: self.len,
             kind: self.kind,
             slinks: *self.slinks,
+            origin_seq: self.origin_seq,
+            origin_time_us: self.origin_time_us,
             pos: self.pos,
             data_crc: self.data_crc,
         }
@@ -99,6 +103,10 @@ struct Meta {
     cursors: BTreeMap<u16, u64>,
     /// Per registered SLINK: (entries, bytes) after its cursor that it needs.
     pending: BTreeMap<u16, (u64, u64)>,
+    /// The site's role and group (persisted in every superblock).
+    site: SiteState,
+    /// Origin seq of the newest durable entry (the floor when the log is empty).
+    origin_tail: u64,
 }
 
 impl Meta {
@@ -206,7 +214,10 @@ impl RingLog {
             head_seq: 1,
             next_epoch: 1,
             cursors: Vec::new(),
+            site: SiteState { role: SiteRole::Primary, group_uuid: [0; 16], generation: 1, origin_floor: 0 },
         };
+        let mut sb = sb;
+        sb.site.group_uuid = sb.uuid;
         let written = (|| {
             // Write the ring out once: on a sparse file every append would otherwise
             // allocate blocks, and each allocation turns the append's sync into a
@@ -297,6 +308,8 @@ impl RingLog {
                 data_crc: h.data_crc,
                 kind: EntryKind::from_record(h.kind).expect("wraps filtered out"),
                 slinks,
+                origin_seq: h.origin(),
+                origin_time_us: h.origin_time_us,
             });
         }
         let next_seq = walk.next_seq;
@@ -322,9 +335,9 @@ impl RingLog {
             let mut w = log.sb.lock();
             *w = SbWriter { next_slot: 1 - slot, generation: sb.generation };
             let m = log.meta.lock();
-            let (head, cursors) = ((m.head_pos, m.head_seq), m.cursors.clone());
+            let (head, cursors, site) = ((m.head_pos, m.head_seq), m.cursors.clone(), m.site_to_persist());
             drop(m);
-            log.persist(&mut w, head, &cursors, next_epoch)?;
+            log.persist(&mut w, head, &cursors, next_epoch, site)?;
         }
         let stats = log.stats();
         let report = RecoveryReport {
@@ -363,9 +376,11 @@ impl RingLog {
             tail_pos,
             next_seq,
             next_epoch,
+            origin_tail: entries.back().map_or(0, |e: &Live| e.origin_seq).max(sb.site.origin_floor),
             entries,
             cursors: BTreeMap::new(),
             pending: BTreeMap::new(),
+            site: sb.site,
         };
         meta.install(cursors, (sb.head_pos, sb.head_seq));
         RingLog {
@@ -429,6 +444,23 @@ impl RingLog {
 
         let _serial = self.append_lock.lock();
         self.check_poison()?;
+        // Origins grow along the log: a received entry older than what the log holds is a
+        // duplicate or a reordering, never appended.
+        {
+            let mut prev = self.meta.lock().origin_tail;
+            for (index, e) in batch.iter().enumerate() {
+                if let Some(o) = e.origin {
+                    if o.seq <= prev {
+                        return Err(LogError::BadEntry {
+                            index,
+                            reason: format!("origin seq {} is not after {prev}, the log's newest", o.seq),
+                        });
+                    }
+                    prev = o.seq;
+                }
+            }
+        }
+        let now_us = now_us();
         let (placement, first_seq, epoch, tail_pos) = self.reserve(&sizes, needed)?;
 
         // Headers (the data crc is the only pass over the data).
@@ -437,7 +469,9 @@ impl RingLog {
         let headers: Vec<[u8; ENTRY_HEADER_SIZE]> = batch
             .iter()
             .enumerate()
-            .map(|(i, e)| self.header(e, first_seq + i as u64, epoch, data_crcs[i], i + 1 == batch.len()).encode())
+            .map(|(i, e)| {
+                self.header(e, first_seq + i as u64, epoch, data_crcs[i], i + 1 == batch.len(), now_us).encode()
+            })
             .collect();
         let wrap_header = placement.wrap.map(|(_, i)| {
             EntryHeader {
@@ -452,6 +486,8 @@ impl RingLog {
                 dev_nr: 0,
                 len: 0,
                 slinks: SlinkSet::new(),
+                origin_seq: 0,
+                origin_time_us: 0,
             }
             .encode()
         });
@@ -512,7 +548,10 @@ impl RingLog {
                 data_crc: data_crcs[i],
                 kind: e.kind,
                 slinks,
+                origin_seq: e.origin.map_or(first_seq + i as u64, |o| o.seq),
+                origin_time_us: e.origin.map_or(now_us, |o| o.time_us),
             };
+            m.origin_tail = live.origin_seq;
             let Meta { pending, cursors, .. } = &mut *m;
             for (s, p) in pending.iter_mut() {
                 if e.slinks.contains(*s) && cursors.get(s).is_some_and(|&c| c < live.seq) {
@@ -528,7 +567,7 @@ impl RingLog {
         Ok(out)
     }
 
-    fn header(&self, e: &NewEntry<'_>, seq: u64, epoch: u64, data_crc: u32, last: bool) -> EntryHeader {
+    fn header(&self, e: &NewEntry<'_>, seq: u64, epoch: u64, data_crc: u32, last: bool, now_us: u64) -> EntryHeader {
         EntryHeader {
             kind: e.kind.record_kind(),
             flags: if last { FLAG_EPOCH_END } else { 0 },
@@ -541,6 +580,8 @@ impl RingLog {
             dev_nr: e.dev_nr,
             len: e.len,
             slinks: e.slinks,
+            origin_seq: e.origin.map_or(0, |o| o.seq),
+            origin_time_us: e.origin.map_or(now_us, |o| o.time_us),
         }
     }
 
@@ -581,14 +622,14 @@ impl RingLog {
     fn rebase_empty(&self) -> Result<(), LogError> {
         let mut w = self.sb.lock();
         self.check_poison()?;
-        let (seq, cursors, next_epoch) = {
+        let (seq, cursors, next_epoch, site) = {
             let m = self.meta.lock();
             if !m.entries.is_empty() || m.head_pos == 0 {
                 return Ok(());
             }
-            (m.head_seq, m.cursors.clone(), m.next_epoch)
+            (m.head_seq, m.cursors.clone(), m.next_epoch, m.site_to_persist())
         };
-        self.persist(&mut w, (0, seq), &cursors, next_epoch)?;
+        self.persist(&mut w, (0, seq), &cursors, next_epoch, site)?;
         let mut m = self.meta.lock();
         m.head_pos = 0;
         m.tail_pos = 0;
@@ -721,17 +762,17 @@ impl RingLog {
     /// reused only once the head that freed it is durable).
     fn commit_cursors(&self, plan: impl FnOnce(&Meta) -> Result<BTreeMap<u16, u64>, LogError>) -> Result<(), LogError> {
         let mut w = self.sb.lock();
-        let (cursors, head, next_epoch) = {
+        let (cursors, head, next_epoch, site) = {
             let m = self.meta.lock();
             let cursors = plan(&m)?;
             let head = m.compute_head(&cursors);
             if cursors == m.cursors && head == (m.head_pos, m.head_seq) {
                 return Ok(());
             }
-            (cursors, head, m.next_epoch)
+            (cursors, head, m.next_epoch, m.site_to_persist())
         };
         self.check_poison()?;
-        self.persist(&mut w, head, &cursors, next_epoch)?;
+        self.persist(&mut w, head, &cursors, next_epoch, site)?;
         self.meta.lock().install(cursors, head);
         Ok(())
     }
@@ -744,6 +785,7 @@ impl RingLog {
         head: (u64, u64),
         cursors: &BTreeMap<u16, u64>,
         next_epoch: u64,
+        site: SiteState,
     ) -> Result<(), LogError> {
         w.generation += 1;
         let sb = Superblock {
@@ -758,6 +800,7 @@ impl RingLog {
             head_seq: head.1,
             next_epoch,
             cursors: cursors.iter().map(|(&s, &c)| (s, c)).collect(),
+            site,
         };
         let at = self.start + (w.next_slot * SB_SLOT_SIZE) as u64;
         let b = &*self.backend;
@@ -797,6 +840,54 @@ impl RingLog {
         self.uuid
     }
 
+    /// The site's role and group as persisted (origin floor: see [`RingLog::received`]).
+    pub fn site(&self) -> SiteState {
+        self.meta.lock().site
+    }
+
+    /// The highest origin seq durable in this log: at a secondary, what it has received.
+    pub fn received(&self) -> u64 {
+        self.meta.lock().origin_tail
+    }
+
+    /// Changes the site's role or group and makes it durable (one superblock write).
+    pub fn set_site(&self, change: impl FnOnce(&mut SiteState)) -> Result<(), LogError> {
+        let mut w = self.sb.lock();
+        let (head, cursors, next_epoch, site) = {
+            let m = self.meta.lock();
+            let mut site = m.site;
+            change(&mut site);
+            ((m.head_pos, m.head_seq), m.cursors.clone(), m.next_epoch, site)
+        };
+        self.check_poison()?;
+        let mut persisted = site;
+        persisted.origin_floor = self.meta.lock().origin_tail;
+        self.persist(&mut w, head, &cursors, next_epoch, persisted)?;
+        self.meta.lock().site = site;
+        Ok(())
+    }
+
+    /// Sets what an empty secondary log has received (the primary's seq it resumes
+    /// after, e.g. once a full copy made its devices equal to the primary at that seq).
+    /// Refused if the log holds entries or the seq goes backwards. Durable on return.
+    pub fn set_received(&self, origin_seq: u64) -> Result<(), LogError> {
+        let _serial = self.append_lock.lock();
+        {
+            let mut m = self.meta.lock();
+            if !m.entries.is_empty() || origin_seq < m.origin_tail {
+                return Err(LogError::BadEntry {
+                    index: 0,
+                    reason: format!(
+                        "received seq {origin_seq} set on a log holding entries or past it ({})",
+                        m.origin_tail
+                    ),
+                });
+            }
+            m.origin_tail = origin_seq;
+        }
+        self.set_site(|_| {})
+    }
+
     /// The largest data of a single entry that can ever fit: the ring minus one header
     /// (an entry never spans the ring end; an empty log moves its head to the ring start
     /// to make room for one this large). Also bounded by the u32 length field.
@@ -814,6 +905,18 @@ impl RingLog {
     /// The back-end and region start (for messages).
     pub fn location(&self) -> (String, u64) {
         (self.backend.describe(), self.start)
+    }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Meta {
+    /// The site state as a superblock written now records it.
+    fn site_to_persist(&self) -> SiteState {
+        SiteState { origin_floor: self.origin_tail, ..self.site }
     }
 }
 

@@ -37,6 +37,7 @@ fn write<'a>(id: u64, data: &'a [u8], s: &[u16]) -> NewEntry<'a> {
         len: data.len() as u32,
         data,
         slinks: slinks(s),
+        origin: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn create_open_roundtrip() {
                 len: 8192,
                 data: &[],
                 slinks: slinks(&[3]),
+                origin: None,
             },
             NewEntry {
                 dev_nr: 2,
@@ -93,6 +95,7 @@ fn create_open_roundtrip() {
                 len: 1 << 20,
                 data: &[],
                 slinks: slinks(&[0]),
+                origin: None,
             },
         ])
         .unwrap();
@@ -288,7 +291,15 @@ fn read_data_checks() {
     assert!(matches!(log.read_data(&lie, &mut [0u8; 1000]), Err(LogError::DataCrc { seq: 1, .. })));
     log.set_cursors(&[(0, 1)]).unwrap();
     assert!(matches!(log.read_data(&e, &mut [0u8; 1000]), Err(LogError::NotLive { seq: 1, head_seq: 2 })));
-    let bad = NewEntry { dev_nr: 0, offset: 0, kind: EntryKind::Write, len: 10, data: &[1, 2], slinks: slinks(&[0]) };
+    let bad = NewEntry {
+        dev_nr: 0,
+        offset: 0,
+        kind: EntryKind::Write,
+        len: 10,
+        data: &[1, 2],
+        slinks: slinks(&[0]),
+        origin: None,
+    };
     assert!(matches!(log.append(&[bad]), Err(LogError::BadEntry { index: 0, .. })));
     let bad = NewEntry { kind: EntryKind::Discard, len: 2, ..bad };
     assert!(matches!(log.append(&[bad]), Err(LogError::BadEntry { .. })));
@@ -380,11 +391,11 @@ fn both_superblocks_corrupt() {
 fn newer_format_version_is_refused() {
     let (m, b) = mem();
     drop(RingLog::create(b.clone(), 0, LOG).unwrap());
-    m.poke(8, &2u32.to_le_bytes());
+    m.poke(8, &3u32.to_le_bytes());
     for r in [RingLog::open(b.clone(), 0).err(), RingLog::open_or_create(b.clone(), 0, LOG).err()] {
         let err = r.expect("must be refused");
-        assert!(matches!(err, LogError::NewerVersion { found: 2, supported: 1, .. }), "{err}");
-        assert!(err.to_string().contains("has format version 2; this build supports versions up to 1"));
+        assert!(matches!(err, LogError::NewerVersion { found: 3, supported: 2, .. }), "{err}");
+        assert!(err.to_string().contains("has format version 3; this build supports versions up to 2"));
     }
 }
 
@@ -583,7 +594,15 @@ fn inspect_dump_shows_everything() {
     let d = pattern(1, 300);
     log.append(&[
         write(1, &d, &[0, 5]),
-        NewEntry { dev_nr: 2, offset: 1 << 30, kind: EntryKind::Discard, len: 4096, data: &[], slinks: slinks(&[5]) },
+        NewEntry {
+            dev_nr: 2,
+            offset: 1 << 30,
+            kind: EntryKind::Discard,
+            len: 4096,
+            data: &[],
+            slinks: slinks(&[5]),
+            origin: None,
+        },
     ])
     .unwrap();
     log.set_cursors(&[(0, 1)]).unwrap();
@@ -739,4 +758,57 @@ fn leftovers_of_a_failed_batch_behind_a_newer_one_are_ignored() {
     let (log, report) = RingLog::open(b, 0).unwrap();
     assert_eq!(live_ids(&log), vec![1, 20]);
     assert_eq!(report.truncated, None);
+}
+
+/// A secondary's log: received entries keep the primary's seq and time across a reopen;
+/// the role, group and generation are durable; what it received survives the log
+/// emptying (the origin floor); an origin that does not grow is refused.
+#[test]
+fn origins_and_site_state_survive_reopen() {
+    use dmrep_formats::replog::SiteRole;
+    let (_m, b) = mem();
+    let log = RingLog::create(b.clone(), 0, LOG).unwrap();
+    assert_eq!(log.site().role, SiteRole::Primary);
+    assert_eq!(log.site().group_uuid, log.uuid(), "a new log names its own group");
+    log.set_site(|s| {
+        s.role = SiteRole::Secondary;
+        s.group_uuid = [9; 16];
+        s.generation = 4;
+    })
+    .unwrap();
+    log.register_slink(0).unwrap();
+    let d = pattern(1, 4096);
+    let mut e = write(1, &d, &[0]);
+    e.origin = Some(Origin { seq: 500, time_us: 1_700_000_000_000_000 });
+    let mut e2 = write(2, &d, &[0]);
+    e2.origin = Some(Origin { seq: 503, time_us: 1_700_000_000_000_100 });
+    let metas = log.append(&[e, e2]).unwrap();
+    assert_eq!((metas[0].seq, metas[0].origin_seq, metas[1].origin_seq), (1, 500, 503));
+    assert_eq!(log.received(), 503);
+    let mut stale = write(3, &d, &[0]);
+    stale.origin = Some(Origin { seq: 503, time_us: 0 });
+    assert!(matches!(log.append(&[stale]), Err(LogError::BadEntry { .. })), "a duplicate origin is refused");
+    drop(log);
+
+    let (log, _) = RingLog::open(b.clone(), 0).unwrap();
+    let site = log.site();
+    assert_eq!((site.role, site.group_uuid, site.generation), (SiteRole::Secondary, [9; 16], 4));
+    let metas = log.entries_from(0, 10);
+    assert_eq!(
+        metas.iter().map(|m| (m.origin_seq, m.origin_time_us)).collect::<Vec<_>>(),
+        vec![(500, 1_700_000_000_000_000), (503, 1_700_000_000_000_100)]
+    );
+    assert_eq!(log.received(), 503);
+    // Applied and dropped: the log is empty but still knows what it received.
+    log.set_cursors(&[(0, 2)]).unwrap();
+    assert!(log.entries_from(0, 10).is_empty());
+    drop(log);
+    let (log, _) = RingLog::open(b.clone(), 0).unwrap();
+    assert_eq!(log.received(), 503);
+    // A primary's own entries: origin = seq, time = now.
+    let d = pattern(9, 512);
+    let log2 = RingLog::create(Arc::new(MemBackend::new(LOG)), 0, LOG).unwrap();
+    let m = log2.append(&[write(9, &d, &[])]).unwrap().remove(0);
+    assert_eq!(m.origin_seq, m.seq);
+    assert!(m.origin_time_us > 1_700_000_000_000_000);
 }

@@ -47,10 +47,11 @@ pub trait SlinkHandler: Send + Sync {
     /// The attached devices.
     fn devices(&self) -> Vec<u32>;
 
-    /// Apply one epoch of entries, in the given order, and make them durable at the
-    /// site before returning. Entries of one epoch were concurrent writes, so the
-    /// handler may reorder or parallelise them; it must not start another epoch
-    /// before this one is durable.
+    /// Apply entries, in the given order, and make them durable at the site before
+    /// returning. An RD's apply is one epoch: its entries were concurrent writes, so the
+    /// handler may reorder or parallelise them; the next epoch comes only after this one
+    /// is durable. SLINK 0 (the LDs) may be given several epochs at once, in log order:
+    /// entries that overlap must then land in the given order (a later one wins).
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()>;
 
     /// Read from device `dev_nr` of this site (LD reads; resync source).

@@ -46,6 +46,13 @@ impl Machine {
     /// The next entries SLINK `nr` must apply: the rest of the first epoch it lacks,
     /// only entries the machine has recorded, and only once their devices are attached.
     /// Entries of removed devices are skipped (SLINK 0 keeps its LDs until applied).
+    ///
+    /// SLINK 0 takes several epochs at once (up to [`MAX_LD_APPLY_BYTES`]), applied in log
+    /// order and made durable by one sync per LD: the LD need not be a prefix state at a
+    /// crash, because recovery replays every entry past SLINK 0's cursor, and the cursor
+    /// moves only after the sync. An RD gets one epoch per apply: it must be a prefix
+    /// state at every instant (it may be all a disaster leaves), so each epoch is durable
+    /// before the next one starts.
     pub(super) fn next_epoch(&mut self, nr: SlinkNr) -> Option<ApplyWork> {
         let rt = &self.slinks[&nr];
         let last_known = rt.outstanding.back()?.0;
@@ -53,6 +60,7 @@ impl Machine {
         let mut epoch = None;
         let mut out = Vec::new();
         let mut last = rt.shipped;
+        let mut bytes = 0u64;
         const SCAN_WINDOW: usize = 64;
         'scan: loop {
             let metas = self.log.entries_from(from, SCAN_WINDOW);
@@ -67,7 +75,12 @@ impl Machine {
                 }
                 match epoch {
                     None => epoch = Some(m.epoch),
-                    Some(e) if e != m.epoch => break 'scan,
+                    Some(e) if e != m.epoch => {
+                        if nr != 0 || bytes >= MAX_LD_APPLY_BYTES {
+                            break 'scan;
+                        }
+                        epoch = Some(m.epoch);
+                    }
                     _ => {}
                 }
                 if nr != 0 && self.removed.contains(&m.dev_nr) {
@@ -80,6 +93,7 @@ impl Machine {
                     return None;
                 }
                 last = m.seq;
+                bytes += u64::from(m.len);
                 let c = self.cache.get(&m.seq).cloned();
                 out.push((m, c));
             }

@@ -36,7 +36,9 @@ use rustix::io::Errno;
 use tracing::{info, warn};
 
 use super::error::{errno, DevNr, GroupError, Seq, SlinkNr};
-use super::{Chunk, SlinkSetup, Stats, CACHE_BUDGET, MAX_APPLY_ENTRIES, MAX_BATCH_BYTES, MAX_BATCH_ENTRIES};
+use super::{
+    Chunk, SlinkSetup, Stats, CACHE_BUDGET, MAX_APPLY_ENTRIES, MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_LD_APPLY_BYTES,
+};
 use super::{MAX_ENTRY_DATA, PROBE_MAX, PROBE_MIN};
 use crate::replicator::dirty::{region_span, DirtyLog};
 use crate::replicator::fallbehind::{self, InForce, Lag, Policy, Thresholds};
@@ -120,6 +122,7 @@ impl Batch {
                     len: s.len as u32,
                     data,
                     slinks: self.slinks,
+                    origin: None,
                 }
             })
             .collect()
