@@ -134,6 +134,11 @@ pub struct LogSpec {
     pub open_mode: OpenMode,
     /// Size to create the log with, in sectors (`auto`/`create` only).
     pub size_sectors: Option<u64>,
+    /// `role=primary|secondary` (last parameter): the site's role when the log is
+    /// created. An existing log keeps the role it has (only a switchover or takeover
+    /// changes it). `None`: primary.
+    #[serde(default)]
+    pub role: Option<crate::replog::SiteRole>,
 }
 
 /// Replication log types.
@@ -391,6 +396,7 @@ pub struct ReplicatorDevSpec {
 }
 
 mod error;
+pub mod net;
 mod parse;
 mod validate;
 
@@ -451,6 +457,7 @@ mod tests {
             start_sector: 0,
             open_mode: OpenMode::Auto,
             size_sectors: Some(2097152),
+            role: None,
         }
     }
 
@@ -538,6 +545,7 @@ mod tests {
                 start_sector: 8,
                 open_mode: OpenMode::Open,
                 size_sectors: None,
+                role: None,
             }
         );
         assert_eq!(spec.slinks.len(), 3);
@@ -633,11 +641,18 @@ mod tests {
         let l = log("ringbuffer 4 /l 7 create 100").unwrap();
         assert_eq!((l.kind, l.open_mode, l.size_sectors), (LogKind::Default, OpenMode::Create, Some(100)));
         assert_eq!(log("default 3 /l 0 auto").unwrap().size_sectors, None);
+        let l = log("default 5 /l 0 auto 100 role=secondary").unwrap();
+        assert_eq!((l.size_sectors, l.role), (Some(100), Some(crate::replog::SiteRole::Secondary)));
+        assert_eq!(log("default 3 /l 0 role=primary").unwrap().role, Some(crate::replog::SiteRole::Primary));
+        assert_eq!(
+            log("default 3 /l 0 role=boss").unwrap_err().to_string(),
+            "replication log: unknown role \"boss\" (expected primary|secondary)"
+        );
         let cases: &[(&str, &str)] = &[
             ("fancy 2 /l 0", "replication log: unknown replication log type \"fancy\" (expected default|ringbuffer)"),
-            ("default 1 /l", "replication log: #replog_params: expected 2 to 4 (<path> <start_sector> [auto|open|create [<size_sectors>]]), found \"1\""),
+            ("default 1 /l", "replication log: #replog_params: expected 2 to 5 (<path> <start_sector> [auto|open|create [<size_sectors>]] [role=primary|secondary]), found \"1\""),
             ("default 9 /l 0", "replication log: #replog_params: expected a count of at most 5 (the parameters left), found \"9\" (#replog_params 9 counts more parameters than there are)"),
-            ("default x /l 0", "replication log: #replog_params: expected 2 to 4 (<path> <start_sector> [auto|open|create [<size_sectors>]]), found \"x\""),
+            ("default x /l 0", "replication log: #replog_params: expected 2 to 5 (<path> <start_sector> [auto|open|create [<size_sectors>]] [role=primary|secondary]), found \"x\""),
             ("default 2 /l -1", "replication log: start_sector: expected a sector number, found \"-1\""),
             ("default 3 /l 0 maybe", "replication log: unknown open mode \"maybe\" (expected auto|open|create)"),
             ("default 4 /l 0 open 10", "replication log: size_sectors: expected no size after \"open\", found \"10\" (an existing log's size is read from it; give a size with auto or create)"),
@@ -1058,8 +1073,8 @@ mod tests {
     }
 
     fn arb_log() -> impl Strategy<Value = LogSpec> {
-        (arb_path(), any::<u64>(), 0u8..3, prop::option::of(1u64..u64::MAX)).prop_map(
-            |(path, start_sector, m, size)| {
+        (arb_path(), any::<u64>(), 0u8..3, prop::option::of(1u64..u64::MAX), 0u8..3).prop_map(
+            |(path, start_sector, m, size, r)| {
                 let open_mode = [OpenMode::Auto, OpenMode::Open, OpenMode::Create][m as usize];
                 LogSpec {
                     kind: LogKind::Default,
@@ -1067,6 +1082,8 @@ mod tests {
                     start_sector,
                     open_mode,
                     size_sectors: if open_mode == OpenMode::Open { None } else { size },
+                    role: [None, Some(crate::replog::SiteRole::Primary), Some(crate::replog::SiteRole::Secondary)]
+                        [r as usize],
                 }
             },
         )

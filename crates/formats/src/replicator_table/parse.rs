@@ -215,10 +215,24 @@ pub(super) fn parse_log<S: AsRef<str>>(cur: &mut Cursor<'_, S>) -> Result<LogSpe
         "default" | "ringbuffer" => LogKind::Default,
         _ => return Err(unknown(CTX, "replication log type", ty, "default|ringbuffer")),
     };
-    let shape = "2 to 4 (<path> <start_sector> [auto|open|create [<size_sectors>]])";
-    let params = cur.counted(CTX, "#replog_params", shape)?;
+    let shape = "2 to 5 (<path> <start_sector> [auto|open|create [<size_sectors>]] [role=primary|secondary])";
+    let mut params: Vec<&str> = cur.counted(CTX, "#replog_params", shape)?.iter().map(AsRef::as_ref).collect();
+    let mut role = None;
+    if let Some(r) = params.last().and_then(|t| t.strip_prefix("role=")) {
+        role = Some(match r {
+            "primary" => crate::replog::SiteRole::Primary,
+            "secondary" => crate::replog::SiteRole::Secondary,
+            other => return Err(unknown(CTX, "role", other, "primary|secondary")),
+        });
+        params.pop();
+    }
     if !(2..=4).contains(&params.len()) {
-        return Err(invalid(CTX, "#replog_params", shape, Some(&params.len().to_string())));
+        return Err(invalid(
+            CTX,
+            "#replog_params",
+            shape,
+            Some(&(params.len() + usize::from(role.is_some())).to_string()),
+        ));
     }
     let p = |i: usize| params.get(i).map(AsRef::as_ref);
     let path = path(CTX, "path", p(0))?;
@@ -244,7 +258,7 @@ pub(super) fn parse_log<S: AsRef<str>>(cur: &mut Cursor<'_, S>) -> Result<LogSpe
                 .ok_or_else(|| invalid(CTX, "size_sectors", "a size in sectors >= 1", Some(t)))?,
         ),
     };
-    Ok(LogSpec { kind, path, start_sector, open_mode, size_sectors })
+    Ok(LogSpec { kind, path, start_sector, open_mode, size_sectors, role })
 }
 
 /// `<slink_type> <#slink_params> <slink_nr> [<policy> [<fallbehind>...]] [<transport>...]`.

@@ -176,6 +176,9 @@ impl LogSpec {
         if let Some(n) = self.size_sectors {
             p.push(n.to_string());
         }
+        if let Some(r) = self.role {
+            p.push(format!("role={}", r.name()));
+        }
         let mut out = vec![self.kind.name().to_string(), p.len().to_string()];
         out.extend(p);
         out
