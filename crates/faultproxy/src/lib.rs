@@ -21,7 +21,10 @@
 //! - **rate** (`rate BYTES_PER_S|off`, [`FaultProxy::set_rate`]): a token bucket per
 //!   direction, shared by all connections in that direction, with bursts of at most
 //!   rate/50 and never over 64 KiB. Imitates a bottleneck: a provisioned WAN circuit,
-//!   a VPN or a shaped uplink that every connection between the sites shares.
+//!   a VPN or a shaped uplink that every connection between the sites shares. A 64 KiB
+//!   burst lasts 0.65 ms at 100 MB/s, so at such rates on a busy machine a late-waking
+//!   writer loses tokens and the rate reached falls short (about 90% of 100 MB/s with
+//!   two loaded cores); below ~25 MB/s it is within a few percent.
 //! - **drop** (`drop`, [`FaultProxy::drop_connections`]): resets every open
 //!   connection on both sides (SO_LINGER 0, then close: an RST, no FIN). Imitates a
 //!   middlebox that loses its state and resets sessions, a peer that crashed and

@@ -638,7 +638,10 @@ fn writer(shared: &Shared, conn: &Conn, dir: Direction) {
                             pipe.cv.wait(&mut q);
                             continue;
                         };
-                        let due = front.at() + shared.delay();
+                        let Some(due) = front.at().checked_add(shared.delay()) else {
+                            pipe.cv.wait(&mut q);
+                            continue;
+                        };
                         let now = Instant::now();
                         if now < due {
                             pipe.cv.wait_for(&mut q, due - now);
@@ -673,26 +676,43 @@ fn writer(shared: &Shared, conn: &Conn, dir: Direction) {
             }
         };
         let Some((data, off)) = cur.as_mut() else { continue };
-        if !write_all(shared, conn, dst, i, &data[*off..*off + n]) {
-            conn.abort();
-            return;
-        }
-        *off += n;
-        if *off == data.len() {
-            cur = None;
+        match write_all(shared, conn, dst, i, &data[*off..*off + n]) {
+            Written::All => {
+                *off += n;
+                if *off == data.len() {
+                    cur = None;
+                }
+            }
+            // The rest of the chunk goes into the hole.
+            Written::Blackholed => cur = None,
+            Written::Failed => {
+                conn.abort();
+                return;
+            }
         }
     }
 }
 
-/// Writes all of `buf`, counting bytes as they go; false if the connection died or the
-/// destination failed.
-fn write_all(shared: &Shared, conn: &Conn, mut dst: &TcpStream, i: usize, mut buf: &[u8]) -> bool {
+enum Written {
+    All,
+    /// Stopped part way: the connection was blackholed meanwhile.
+    Blackholed,
+    /// The connection died, or the destination failed.
+    Failed,
+}
+
+/// Writes all of `buf`, counting bytes as they go. A write blocked on a peer that does
+/// not read wakes every [`WRITE_POLL`] to see whether to go on.
+fn write_all(shared: &Shared, conn: &Conn, mut dst: &TcpStream, i: usize, mut buf: &[u8]) -> Written {
     while !buf.is_empty() {
         if conn.dead() {
-            return false;
+            return Written::Failed;
+        }
+        if conn.blackholed() {
+            return Written::Blackholed;
         }
         match dst.write(buf) {
-            Ok(0) => return false,
+            Ok(0) => return Written::Failed,
             Ok(n) => {
                 shared.bytes[i].fetch_add(n as u64, Ordering::SeqCst);
                 buf = &buf[n..];
@@ -702,8 +722,8 @@ fn write_all(shared: &Shared, conn: &Conn, mut dst: &TcpStream, i: usize, mut bu
                     e.kind(),
                     io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
-            Err(_) => return false,
+            Err(_) => return Written::Failed,
         }
     }
-    true
+    Written::All
 }
