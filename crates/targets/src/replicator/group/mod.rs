@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use super::dirty::DirtyLog;
 use super::fallbehind::{InForce, Policy, Thresholds};
-use super::log::{EntryKind, EntryMeta, LogStats, RecoveryReport, RingLog};
+use super::log::{EntryKind, EntryMeta, LogStats, Origin, RecoveryReport, RingLog};
 use super::slink::SlinkHandler;
 
 mod cursors;
@@ -364,7 +364,13 @@ impl Group {
 
     /// Queue a write-like request of device `dev_nr`.
     pub fn submit_write(&self, dev_nr: DevNr, req: Request, done: Completion) {
-        let _ = self.inner.event(Event::Submit { dev_nr, req, done });
+        let _ = self.inner.event(Event::Submit { dev_nr, req, done, origin: None });
+    }
+
+    /// Queue a write received from the primary (at a secondary): appended with its
+    /// origin, answered once durable in this site's log.
+    pub fn submit_received(&self, dev_nr: DevNr, req: Request, done: Completion, origin: Origin) {
+        let _ = self.inner.event(Event::Submit { dev_nr, req, done, origin: Some(origin) });
     }
 
     /// Read from device `dev_nr`: the LD, overlaid with entries not yet on it.

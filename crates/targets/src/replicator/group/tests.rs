@@ -206,6 +206,9 @@ impl Harness {
                     .iter()
                     .zip(&owned)
                     .map(|((m, _), v)| ApplyEntry {
+                        seq: m.seq,
+                        epoch: m.epoch,
+                        time_us: m.origin_time_us,
                         dev_nr: m.dev_nr,
                         offset: m.offset,
                         len: m.len,
@@ -221,6 +224,9 @@ impl Harness {
                 let mut buf = vec![0u8; w.len as usize];
                 let result = self.read(w.dev, w.offset, &mut buf).and_then(|()| {
                     h.apply(&[ApplyEntry {
+                        seq: 0,
+                        epoch: 0,
+                        time_us: 0,
                         dev_nr: w.dev,
                         offset: w.offset,
                         len: w.len as u32,
@@ -254,7 +260,7 @@ impl Harness {
         self.tag += 1;
         let req = Request::new(Op::Write { fua: false }, offset, len as u64, vec![byte; len], self.tag);
         let done = Completion::new(self.replies.clone(), self.tag);
-        self.event(Event::Submit { dev_nr: dev, req, done });
+        self.event(Event::Submit { dev_nr: dev, req, done, origin: None });
         self.tag
     }
 
@@ -529,7 +535,7 @@ fn r10_batch_planner_counts_entry_headers() {
         h.tag += 1;
         let req = Request::new(Op::Discard, (i % 256) * 4096, 4096, Vec::new(), h.tag);
         let done = Completion::new(h.replies.clone(), h.tag);
-        h.event(Event::Submit { dev_nr: 0, req, done });
+        h.event(Event::Submit { dev_nr: 0, req, done, origin: None });
         tags.push(h.tag);
     }
     h.settle();

@@ -181,6 +181,9 @@ fn apply(inner: &Inner, handler: &dyn SlinkHandler, w: ApplyWork) -> Event {
         .iter()
         .zip(&owned)
         .map(|((m, c), o)| ApplyEntry {
+            seq: m.origin_seq,
+            epoch: m.epoch,
+            time_us: m.origin_time_us,
             dev_nr: m.dev_nr,
             offset: m.offset,
             len: m.len,
@@ -198,20 +201,15 @@ fn apply(inner: &Inner, handler: &dyn SlinkHandler, w: ApplyWork) -> Event {
 }
 
 /// Read the region as the application sees it (LD plus entries not yet on it) and write
-/// it to the SLINK's copy, durably.
+/// it to the SLINK's copy, durably, a chunk at a time.
 fn copy_region(inner: &Inner, handler: &dyn SlinkHandler, w: &ResyncWork) -> io::Result<()> {
-    let mut bufs = Vec::new();
     let mut at = w.offset;
     while at < w.offset + w.len {
         let n = RESYNC_CHUNK.min(w.offset + w.len - at);
         let mut buf = vec![0u8; n as usize];
         inner.read(w.dev, at, &mut buf)?;
-        bufs.push((at, buf));
+        handler.copy_region(w.dev, at, &buf)?;
         at += n;
     }
-    let entries: Vec<ApplyEntry<'_>> = bufs
-        .iter()
-        .map(|(at, b)| ApplyEntry { dev_nr: w.dev, offset: *at, len: b.len() as u32, kind: EntryKind::Write, data: b })
-        .collect();
-    handler.apply(&entries)
+    Ok(())
 }

@@ -14,6 +14,13 @@ use super::log::EntryKind;
 /// One entry to apply: where, what, and its data (empty unless `kind` is `Write`).
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyEntry<'a> {
+    /// The entry's seq in the primary's history (0 for resync data, which is outside
+    /// write order).
+    pub seq: u64,
+    /// Its epoch (0 for resync data).
+    pub epoch: u64,
+    /// When the primary appended it, microseconds since the Unix epoch (0: unknown).
+    pub time_us: u64,
     pub dev_nr: u32,
     pub offset: u64,
     pub len: u32,
@@ -53,6 +60,34 @@ pub trait SlinkHandler: Send + Sync {
     /// is durable. SLINK 0 (the LDs) may be given several epochs at once, in log order:
     /// entries that overlap must then land in the given order (a later one wins).
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()>;
+
+    /// Whether the site keeps what it receives in a log of its own, from which it
+    /// recovers to a prefix state by itself (a remote dmrep site). Such an SLINK, like
+    /// SLINK 0, may be given several epochs in one apply.
+    fn keeps_log(&self) -> bool {
+        false
+    }
+
+    /// Copy `data` to device `dev_nr` at `offset`, durably, outside write order (resync
+    /// and initial copy). Default: one apply.
+    fn copy_region(&self, dev_nr: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.apply(&[ApplyEntry {
+            seq: 0,
+            epoch: 0,
+            time_us: 0,
+            dev_nr,
+            offset,
+            len: data.len() as u32,
+            kind: EntryKind::Write,
+            data,
+        }])
+    }
+
+    /// The SLINK rejoins ordered mode at `seq` after a resync: its copy equals the
+    /// primary's state at `seq`, and entries after it follow. Default: nothing to do.
+    fn rejoined(&self, _seq: u64) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Read from device `dev_nr` of this site (LD reads; resync source).
     fn read(&self, dev_nr: u32, offset: u64, buf: &mut [u8]) -> io::Result<()>;

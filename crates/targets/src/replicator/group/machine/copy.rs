@@ -76,7 +76,7 @@ impl Machine {
                 match epoch {
                     None => epoch = Some(m.epoch),
                     Some(e) if e != m.epoch => {
-                        if nr != 0 || bytes >= MAX_LD_APPLY_BYTES {
+                        if (nr != 0 && !rt.handler.keeps_log()) || bytes >= MAX_LD_APPLY_BYTES {
                             break 'scan;
                         }
                         epoch = Some(m.epoch);

@@ -42,7 +42,7 @@ use super::{
 use super::{MAX_ENTRY_DATA, PROBE_MAX, PROBE_MIN};
 use crate::replicator::dirty::{region_span, DirtyLog};
 use crate::replicator::fallbehind::{self, InForce, Lag, Policy, Thresholds};
-use crate::replicator::log::{EntryKind, EntryMeta, LogError, NewEntry, RingLog, SlinkSet};
+use crate::replicator::log::{EntryKind, EntryMeta, LogError, NewEntry, Origin, RingLog, SlinkSet};
 use crate::replicator::overlay::Overlay;
 use crate::replicator::slink::SlinkHandler;
 use dmrep_formats::replog::{pad_to_record, ENTRY_HEADER_SIZE};
@@ -66,6 +66,9 @@ pub(crate) struct Pending {
     data: Option<Arc<Vec<u8>>>,
     /// Bytes already appended.
     appended: u64,
+    /// A write received from the primary (at a secondary): its place in the primary's
+    /// history. One entry: the primary's entries are never larger than ours.
+    origin: Option<Origin>,
 }
 
 /// A write whose entries are in the log, waiting for SLINKs (and dirty-log flushes).
@@ -122,7 +125,7 @@ impl Batch {
                     len: s.len as u32,
                     data,
                     slinks: self.slinks,
-                    origin: None,
+                    origin: p.origin,
                 }
             })
             .collect()
@@ -188,6 +191,8 @@ pub(crate) enum Event {
         dev_nr: DevNr,
         req: Request,
         done: Completion,
+        /// `Some` for an entry received from the primary (a secondary's receiver).
+        origin: Option<Origin>,
     },
     /// The appender is free.
     AppenderReady,
@@ -498,7 +503,7 @@ impl Machine {
     /// Apply an event.
     pub(crate) fn apply(&mut self, now: Instant, ev: Event) -> Effects {
         match ev {
-            Event::Submit { dev_nr, req, done } => self.submit(dev_nr, req, done),
+            Event::Submit { dev_nr, req, done, origin } => self.submit(dev_nr, req, done, origin),
             Event::AppenderReady => self.appender_ready(now),
             Event::Appended { batch, took, result } => {
                 self.stats.append_us += took.as_micros() as u64;

@@ -1,12 +1,21 @@
 //! Writes: queueing, group commit planning, the append's result, acknowledgements.
 
 use super::*;
+use dmrep_formats::replog::SiteRole;
 
 impl Machine {
-    pub(super) fn submit(&mut self, dev_nr: DevNr, req: Request, done: Completion) -> Effects {
+    pub(super) fn submit(&mut self, dev_nr: DevNr, req: Request, done: Completion, origin: Option<Origin>) -> Effects {
         let mut fx = Effects::default();
         if self.shutdown {
             fx.fail(req, done, Errno::SHUTDOWN);
+            return fx;
+        }
+        // A secondary's devices take writes only from its primary's stream; a primary
+        // never takes a stream.
+        let secondary = self.log.site().role == SiteRole::Secondary;
+        if secondary != origin.is_some() {
+            tracing::debug!(group = %self.name, secondary, "write refused: wrong role for its source");
+            fx.fail(req, done, if secondary { Errno::ROFS } else { Errno::PERM });
             return fx;
         }
         if let Some(e) = &self.log_error {
@@ -20,7 +29,7 @@ impl Machine {
             self.stats.writes += 1;
             self.stats.write_bytes += req.len;
         }
-        self.queue.push_back(Pending { dev_nr, req, done, data: None, appended: 0 });
+        self.queue.push_back(Pending { dev_nr, req, done, data: None, appended: 0, origin });
         fx.wake_appender = true;
         fx
     }
