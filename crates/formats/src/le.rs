@@ -1,5 +1,5 @@
 //! Little-endian fields at byte offsets: how the on-disk formats (replication log,
-//! dirty log) read and write their fixed layouts.
+//! dirty log) and the site wire protocol read and write their layouts.
 
 pub(crate) fn put_u16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_le_bytes());
@@ -22,4 +22,16 @@ pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
+}
+
+// Appending to a growing buffer: how the site wire protocol writes its variable layouts.
+
+pub(crate) fn push_u16(v: &mut Vec<u8>, x: u16) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+pub(crate) fn push_u32(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+pub(crate) fn push_u64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
 }

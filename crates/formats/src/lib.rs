@@ -5,6 +5,7 @@
 //! - [`control`]: the control protocol between `dmrep` and its daemon.
 //! - [`replog`]: the replication log's on-disk layout.
 //! - [`dirtylog`]: the `disk` dirty log's on-disk layout.
+//! - [`site`]: the site wire protocol (a primary site ships its log to secondary sites).
 //!
 //! Every type that crosses a disk or a wire documents its byte layout where it is
 //! defined and carries a version.
@@ -15,4 +16,5 @@ mod le;
 pub mod nbd;
 pub mod replicator_table;
 pub mod replog;
+pub mod site;
 pub mod table;
