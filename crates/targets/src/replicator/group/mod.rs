@@ -260,7 +260,7 @@ impl Group {
     /// every SLINK whose cursor is behind them.
     pub fn start(
         name: &str,
-        log: RingLog,
+        log: impl Into<Arc<RingLog>>,
         log_path: String,
         recovery: Option<RecoveryReport>,
         slinks: Vec<SlinkSetup>,
@@ -273,7 +273,7 @@ impl Group {
         if lost {
             warn!(group = name, report = ?recovery, "replication log lost entries some site had applied: full resync of every RD");
         }
-        let log = Arc::new(log);
+        let log: Arc<RingLog> = log.into();
         let numbers: Vec<SlinkNr> = slinks.iter().map(|s| s.nr).collect();
         let machine = Machine::new(name, log.clone(), fresh, lost, slinks, Instant::now())?;
         let inner = Arc::new(Inner {

@@ -5,11 +5,46 @@
 
 pub mod local;
 
+use std::collections::BTreeMap;
 use std::io;
+use std::sync::Arc;
 
 use dmrep_core::{Claim, TargetError};
+use parking_lot::RwLock;
 
-use super::log::EntryKind;
+use super::log::{EntryKind, RingLog};
+
+/// What a transport needs to build an SLINK handler of a group.
+pub struct LinkSetup<'a> {
+    /// The group's name (its control device).
+    pub group: &'a str,
+    pub slink: u16,
+    /// The transport's parameters from the table (after the policy and thresholds).
+    pub params: &'a [String],
+    /// The group's log: its site state (role, group uuid, generation) and what it holds.
+    pub log: Arc<RingLog>,
+    /// Bytes of each device of the group.
+    pub dev_bytes: u64,
+}
+
+/// A transport other than `local`, registered by the program that runs groups (the
+/// daemon registers `net`): one new file plus one registry line per transport.
+pub trait Transport: Send + Sync {
+    /// Check the parameters and build the handler (it connects later, on its own).
+    fn create(&self, setup: LinkSetup<'_>) -> Result<Arc<dyn SlinkHandler>, TargetError>;
+}
+
+static TRANSPORTS: RwLock<BTreeMap<&'static str, Arc<dyn Transport>>> = RwLock::new(BTreeMap::new());
+
+/// Make transport `name` (the table keyword) available.
+pub fn register_transport(name: &'static str, t: Arc<dyn Transport>) {
+    TRANSPORTS.write().insert(name, t);
+}
+
+/// The transport registered as `name`.
+pub fn transport(name: &str) -> Option<Arc<dyn Transport>> {
+    TRANSPORTS.read().get(name).cloned()
+}
 
 /// One entry to apply: where, what, and its data (empty unless `kind` is `Write`).
 #[derive(Debug, Clone, Copy)]

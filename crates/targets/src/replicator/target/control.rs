@@ -155,10 +155,15 @@ fn reload(
 pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Target>, TargetError> {
     let spec = parse_replicator(&seg.args).map_err(|e| TargetError::params(T, e.to_string()))?;
     for s in &spec.slinks {
-        if s.kind != SlinkKind::Local {
+        if s.kind != SlinkKind::Local && crate::replicator::slink::transport(s.kind.name()).is_none() {
             return Err(TargetError::params(
                 T,
-                format!("slink {}: transport \"{}\" is not available in this build (use local)", s.nr, s.kind.name()),
+                format!(
+                    "slink {}: transport \"{}\" is not available here (a daemon started with --site-name and TLS \
+                     files offers net; local always works)",
+                    s.nr,
+                    s.kind.name()
+                ),
             ));
         }
     }
@@ -183,7 +188,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     let mut claims = Vec::new();
     let mut setups = Vec::new();
     let mut declared = Vec::new();
-    for s in &spec.slinks {
+    for s in spec.slinks.iter().filter(|s| s.kind == SlinkKind::Local) {
         let h = Arc::new(LocalSlink::new());
         for d in &spec.devices {
             for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
@@ -282,10 +287,51 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     }
 
     let fresh_log = recovery.is_none();
+    let log = Arc::new(log);
+    if fresh_log && spec.log.role == Some(dmrep_formats::replog::SiteRole::Secondary) {
+        // A new secondary belongs to no group yet: the first authenticated primary of
+        // the group's name binds it to its UUID.
+        log.set_site(|s| {
+            s.role = dmrep_formats::replog::SiteRole::Secondary;
+            s.group_uuid = [0; 16];
+        })
+        .map_err(log_err)?;
+    }
+    let role = log.site().role;
+    if let Some(r) = spec.log.role.filter(|r| *r != role) {
+        tracing::info!(group = ctx.device_name, table = r.name(), log = role.name(),
+            "the table's role differs from the log's: the log's role stands (a switchover or takeover changes it)");
+    }
+    // Transports other than local: at a primary, handlers of the group; at a secondary,
+    // the peers it follows (the primary among them), which ship nothing from here.
+    let mut peers = Vec::new();
+    for s in spec.slinks.iter().filter(|s| s.kind != SlinkKind::Local) {
+        if role == dmrep_formats::replog::SiteRole::Secondary {
+            peers.push((s.nr, s.kind.params().to_vec()));
+            continue;
+        }
+        let t = crate::replicator::slink::transport(s.kind.name()).expect("checked above");
+        let h = t.create(crate::replicator::slink::LinkSetup {
+            group: ctx.device_name,
+            slink: s.nr,
+            params: s.kind.params(),
+            log: log.clone(),
+            dev_bytes,
+        })?;
+        for d in &spec.devices {
+            for r in d.replicas.iter().filter(|r| r.slink_nr == s.nr) {
+                claims.extend(claiming.dirty_log(d.dev_nr, r, dev_bytes)?);
+                h.attach(d.dev_nr, &r.path, dev_bytes)?;
+                declared.push((s.nr, d.dev_nr, r.path.clone()));
+            }
+        }
+        setups.push(SlinkSetup { nr: s.nr, handler: h, policy: s.policy, thresholds: thresholds_of(&s.fallbehind) });
+    }
+    setups.sort_by_key(|s| s.nr);
     let group =
         Group::start(ctx.device_name, log, lpath.clone(), recovery, setups).map_err(|e| TargetError::failed(T, e))?;
     for d in &spec.devices {
-        for r in &d.replicas {
+        for r in d.replicas.iter().filter(|r| !peers.iter().any(|(nr, _)| *nr == r.slink_nr)) {
             if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring, &claiming) {
                 group.shutdown();
                 return Err(e);
@@ -303,6 +349,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         claims: Mutex::new(claims),
         dev_bytes,
         fresh_log,
+        peers,
     });
     ctx.devices.publish(ctx.device_name, handle.clone());
     Ok(ReplicatorTarget::build(ctx, spec, handle, group, None))
