@@ -427,6 +427,9 @@ fn alert_words(alert: AlertDescription) -> String {
             "it rejected our certificate (bad certificate: for instance not the site it expected, or not exactly one site name)"
                 .into()
         }
+        AlertDescription::CertificateUnknown => {
+            "it rejected our certificate (certificate unknown: does it name exactly one site?)".into()
+        }
         AlertDescription::UnsupportedCertificate => {
             "it rejected our certificate (unsupported certificate: not for TLS client and server use?)".into()
         }

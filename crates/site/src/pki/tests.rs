@@ -21,6 +21,28 @@ fn init_then_issue_gives_sites_that_load_and_connect() {
     assert_eq!(mode(&paris.key), 0o600);
     issue(&dir, "tokyo").unwrap();
 
+    // Validity and roles, as the certificates say.
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let days_left = |p: &Path| {
+        let pem = fs::read(p).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .map(|san| san.value.general_names.iter().map(|n| n.to_string()).collect())
+            .unwrap_or_default();
+        let ca = cert.basic_constraints().unwrap().map(|b| (b.value.ca, b.value.path_len_constraint));
+        assert!(cert.validity().not_before.timestamp() <= now);
+        // Whole days left, rounded to the nearest: seconds pass between issuing and now.
+        ((cert.validity().not_after.timestamp() - now + 43200) / 86400, names, ca)
+    };
+    assert_eq!(days_left(&ca.cert), (CA_VALIDITY.whole_days(), vec![], Some((true, Some(0)))));
+    assert_eq!(
+        days_left(&paris.cert),
+        (SITE_VALIDITY.whole_days(), vec!["DNSName(paris)".to_string()], Some((false, None)))
+    );
+
     let paris = SiteTls::load(&site_files(&dir, "paris"), "paris").unwrap();
     let tokyo = SiteTls::load(&site_files(&dir, "tokyo"), "tokyo").unwrap();
     assert_eq!(tokyo.site(), "tokyo");
