@@ -1,10 +1,14 @@
 //! `dmrep demo`: the main job on a built-in default.
 //!
-//! Creates backing files in a directory of its own, starts a daemon in this process, and
-//! builds a replicated group with the paper's one-line table: two LDs, a replication log,
-//! and two site links with `local` replicas, SLINK 1 synchronous and SLINK 2
-//! asynchronous with a fall-behind threshold. Prints the NBD URIs and commands to try,
-//! then shows the group's status live (SLINK modes, lag, log use) until Ctrl-C.
+//! Creates backing files in a directory of its own, a CA and two site certificates
+//! (`paris`, `tokyo`), and starts two daemons on loopback: the secondary site `tokyo`
+//! (a child process with its own log and devices, receiving over mutual TLS) and the
+//! primary `paris` in this process. The primary's group uses the paper's one-line table:
+//! two LDs, a replication log, two site links with `local` replicas (SLINK 1
+//! synchronous, SLINK 2 asynchronous with a fall-behind threshold) and a `net` site link
+//! to `tokyo` (SLINK 3, asynchronous). Prints the NBD URIs and commands to try, then
+//! shows the group's status live (SLINK modes, lag, log use) until Ctrl-C, which stops
+//! both daemons.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -48,8 +52,9 @@ fn sized_file(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// The demo's table: the paper's one-line form, two devices, three SLINKs.
-fn table(dir: &Path, sectors: u64, log_sectors: u64, ios: u64) -> String {
+/// The demo's table: the paper's one-line form, two devices, four SLINKs (the last one a
+/// remote site over the network).
+fn table(dir: &Path, sectors: u64, log_sectors: u64, ios: u64, tokyo: &str) -> String {
     let p = |n: &str| dir.join(n).display().to_string();
     let mut t = format!("0 {sectors} replicator \\\n  default 4 {} 0 auto {log_sectors} \\\n", p("replog"));
     for d in 0..2 {
@@ -63,12 +68,106 @@ fn table(dir: &Path, sectors: u64, log_sectors: u64, ios: u64) -> String {
     }
     for d in 0..2 {
         t += &format!(
-            "  local 3 2 asynchronous ios={ios} \\\n    2 {d} {} \\\n    core 2 2048 nosync{}\n",
+            "  local 3 2 asynchronous ios={ios} \\\n    2 {d} {} \\\n    core 2 2048 nosync \\\n",
             p(&format!("site2-rd{d}.img")),
+        );
+    }
+    for d in 0..2 {
+        t += &format!(
+            "  net 4 3 asynchronous {tokyo} site=tokyo \\\n    2 {d} {d} \\\n    core 2 2048 nosync{}\n",
             if d == 0 { " \\" } else { "" }
         );
     }
     t
+}
+
+/// The secondary site's table: its own log and devices, the primary as its peer.
+fn tokyo_table(dir: &Path, sectors: u64, log_sectors: u64, paris: &str) -> String {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let mut t = format!("0 {sectors} replicator default 5 {} 0 auto {log_sectors} role=secondary", p("replog"));
+    for d in 0..2 {
+        t += &format!(" local 2 0 asynchronous 2 {d} {} - 0", p(&format!("ld{d}.img")));
+        t += &format!(" net 4 1 asynchronous {paris} site=paris 2 {d} {d} core 2 2048 nosync");
+    }
+    t
+}
+
+/// The secondary daemon, stopped (SIGTERM, then waited for) when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&self.0), rustix::process::Signal::TERM);
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A CA and the two sites' certificates in `pki` (kept from an earlier run).
+fn make_pki(pki: &Path) -> Result<()> {
+    if !pki.join("ca.crt").exists() {
+        dmrep_site::pki::init(pki)?;
+    }
+    for site in ["paris", "tokyo"] {
+        if !pki.join(format!("{site}.crt")).exists() {
+            dmrep_site::pki::issue(pki, site)?;
+        }
+    }
+    Ok(())
+}
+
+/// Start the secondary site `tokyo` as a child process and create its group.
+fn start_tokyo(dir: &Path, bytes: u64, log_mib: u64, listen: &str, paris: &str) -> Result<Child> {
+    let tdir = dir.join("tokyo");
+    std::fs::create_dir_all(&tdir)?;
+    for name in ["ld0.img", "ld1.img"] {
+        sized_file(&tdir.join(name), bytes)?;
+    }
+    sized_file(&tdir.join("replog"), log_mib << 20)?;
+    let _ = std::fs::remove_dir_all(tdir.join("state"));
+    // A fresh secondary each time, like the primary's fresh group.
+    let _ = std::fs::remove_file(tdir.join("replog"));
+    sized_file(&tdir.join("replog"), log_mib << 20)?;
+    let exe = std::env::current_exe()?;
+    let control = tdir.join("control.sock");
+    let log = std::fs::File::create(tdir.join("daemon.log"))?;
+    let child = Child(
+        std::process::Command::new(&exe)
+            .arg("--control")
+            .arg(&control)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(tdir.join("state"))
+            .arg("--nbd-unix")
+            .arg(tdir.join("nbd.sock"))
+            .args(["--site-name", "tokyo", "--site-listen", listen, "--tls-dir"])
+            .arg(dir.join("pki"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the secondary site's daemon")?,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !control.exists() {
+        if std::time::Instant::now() > deadline {
+            bail!("the secondary site's daemon did not start (see {})", tdir.join("daemon.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let table = tokyo_table(&tdir, bytes >> 9, (log_mib << 20) >> 9, paris);
+    let out = std::process::Command::new(&exe)
+        .arg("--control")
+        .arg(&control)
+        .args(["create", "r0", "--table", &table])
+        .output()?;
+    if !out.status.success() {
+        bail!("creating the secondary's group: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(child)
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -80,17 +179,26 @@ pub fn run(args: DemoArgs) -> Result<()> {
         sized_file(&dir.join(name), bytes)?;
     }
     sized_file(&dir.join("replog"), args.log_mib << 20)?;
+    make_pki(&dir.join("pki"))?;
+    let (paris, tokyo) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+    let _tokyo_daemon = start_tokyo(&dir, bytes, args.log_mib, &tokyo, &paris)?;
     let control = dir.join("control.sock");
     let daemon_args = DaemonArgs {
         state_dir: dir.join("state"),
         nbd_unix: dir.join("nbd.sock"),
         nbd_listen: Some(args.nbd_listen.clone()),
         nbd_workers: 16,
+        site_name: Some("paris".into()),
+        tls_dir: Some(dir.join("pki")),
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        site_listen: Some(paris.clone()),
     };
     // A fresh start each time: the demo's own devices, not a restored set.
     let _ = std::fs::remove_dir_all(&daemon_args.state_dir);
     let running = run_daemon::start(&daemon_args, Some(control.clone()))?;
-    let table = table(&dir, bytes >> 9, (args.log_mib << 20) >> 9, args.ios);
+    let table = table(&dir, bytes >> 9, (args.log_mib << 20) >> 9, args.ios, &tokyo);
     match running.daemon.handle(Request::Create {
         name: "r0".into(),
         table: table.clone(),
@@ -108,8 +216,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let tcp = running.tcp.map(|a| a.to_string()).unwrap_or_default();
     println!("dmrep demo: replicated group r0 in {}", dir.display());
     println!("  two devices (r0-0, r0-1, {} MiB each) replicated as one write-ordered group to", args.size_mib);
-    println!("  site 1 (SLINK 1, synchronous) and site 2 (SLINK 2, asynchronous, ios={}),", args.ios);
-    println!("  through a {} MiB replication log. Table:", args.log_mib);
+    println!("  site 1 (SLINK 1, synchronous) and site 2 (SLINK 2, asynchronous, ios={}), local,", args.ios);
+    println!("  and to the remote site tokyo (SLINK 3, asynchronous, mutual TLS over TCP {tokyo}, its own");
+    println!("  daemon: {}), through a {} MiB replication log. Table:", dir.join("tokyo").display(), args.log_mib);
     println!();
     for l in table.lines() {
         println!("    {l}");
@@ -126,6 +235,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  dmrep message r0 0 slink 2 pause   # site 2 falls behind, then is forced synchronous at its threshold");
     println!("  dmrep message r0 0 slink 2 resume  # it catches up in order");
     println!("  cmp {} {}   # once caught up", dir.join("ld0.img").display(), dir.join("site2-rd0.img").display());
+    println!(
+        "  dmrep --control {} status r0   # the secondary site: the primary it follows, received, applied, lag",
+        dir.join("tokyo/control.sock").display()
+    );
+    println!("  cmp {} {}", dir.join("ld0.img").display(), dir.join("tokyo/ld0.img").display());
     println!();
     if args.no_wait {
         running.stop();

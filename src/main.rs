@@ -27,6 +27,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: holds the devices, serves them over NBD, answers the CLI.
     Daemon(run_daemon::DaemonArgs),
+    /// Certificates for site links: a CA for your sites, then one certificate per site.
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Create a device and activate TABLE (a file, `-` for stdin, or --table TEXT).
     Create {
         /// The device (and NBD export) name: letters, digits and . _ + -
@@ -197,11 +200,45 @@ pub struct LogArgs {
     pub json: bool,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum PkiCommand {
+    /// Create the sites' CA in DIR (ca.crt, ca.key). Keep ca.key off the sites: it
+    /// issues certificates, no daemon needs it.
+    Init {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue SITE's certificate (DIR/SITE.crt, DIR/SITE.key) from the CA in DIR. Give
+    /// each site ca.crt and its own two files (`dmrep daemon --site-name SITE --tls-dir`).
+    Issue {
+        dir: PathBuf,
+        /// The site name: 1-63 of a-z, 0-9 and -, as `site=` names it in tables.
+        site: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
+    let (paths, json) = match cmd {
+        PkiCommand::Init { dir, json } => (dmrep_site::pki::init(&dir)?, json),
+        PkiCommand::Issue { dir, site, json } => (dmrep_site::pki::issue(&dir, &site)?, json),
+    };
+    if json {
+        println!("{}", serde_json::json!({"cert": paths.cert, "key": paths.key}));
+    } else {
+        println!("wrote {} and {} (private key, mode 0600)", paths.cert.display(), paths.key.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Daemon(args) => run_daemon::run(args, cli.control),
         Command::Demo(args) => demo::run(args),
+        Command::Pki(cmd) => pki(cmd),
         Command::Log(cmd) => commands::log(cmd),
         Command::Wait { name, resync, timeout } => commands::wait(cli.control, &name, resync, timeout),
         other => commands::run(other, cli.control),

@@ -27,6 +27,42 @@ pub struct DaemonArgs {
     /// Worker threads per NBD connection (requests in parallel on one connection).
     #[arg(long, default_value_t = NbdConfig::default().workers_per_conn)]
     pub nbd_workers: usize,
+    /// This daemon's site name (what its TLS certificate names). Needed for `net` site
+    /// links and for --site-listen.
+    #[arg(long, value_name = "NAME")]
+    pub site_name: Option<String>,
+    /// Directory made by `dmrep pki`: takes ca.crt, <site-name>.crt and <site-name>.key
+    /// from it (instead of --tls-ca, --tls-cert, --tls-key).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub tls_dir: Option<PathBuf>,
+    /// The sites' CA certificate: peers must present a certificate it issued.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This site's certificate.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This site's private key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Receive replication from primaries on this TCP address (mutual TLS; e.g.
+    /// 0.0.0.0:7800). Makes this daemon a site that secondaries of groups live on.
+    #[arg(long, value_name = "ADDR:PORT", requires = "site_name")]
+    pub site_listen: Option<String>,
+}
+
+impl DaemonArgs {
+    /// The site's TLS files, if configured.
+    fn tls_files(&self) -> Option<dmrep_site::tls::TlsFiles> {
+        let site = self.site_name.as_deref()?;
+        if let Some(dir) = &self.tls_dir {
+            return Some(dmrep_site::pki::site_files(dir, site));
+        }
+        Some(dmrep_site::tls::TlsFiles {
+            ca: self.tls_ca.clone()?,
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
 }
 
 /// A running daemon: stopped by [`Running::stop`].
@@ -35,11 +71,13 @@ pub struct Running {
     pub nbd: Arc<NbdServer>,
     pub control: ControlServer,
     pub tcp: Option<std::net::SocketAddr>,
+    site_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Running {
     pub fn stop(self) {
         info!("shutting down");
+        self.site_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.control.stop();
         // Devices first: their held requests end, so the NBD connections can drain.
         self.daemon.shutdown();
@@ -60,6 +98,22 @@ pub fn init_logging() {
 /// Start a daemon in this process.
 pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
     let control_path = dmrep_control::control_path(control);
+    // Site links first: restored tables may have net SLINKs.
+    let tls = match args.tls_files() {
+        Some(files) => {
+            let site = args.site_name.as_deref().unwrap_or_default();
+            let tls = dmrep_site::tls::SiteTls::load(&files, site).context("site TLS")?;
+            dmrep_targets::replicator::slink::register_transport(
+                "net",
+                Arc::new(dmrep_site::net::NetTransport::new(Arc::new(tls.clone()))),
+            );
+            Some(Arc::new(tls))
+        }
+        None if args.site_listen.is_some() || args.site_name.is_some() => {
+            anyhow::bail!("a site needs TLS files: --tls-dir DIR, or --tls-ca, --tls-cert and --tls-key")
+        }
+        None => None,
+    };
     let store = Store::open(&args.state_dir)?;
     let daemon = Daemon::new(store, dmrep_targets::registry());
     let (n, errors) = daemon.restore()?;
@@ -83,13 +137,42 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
             return Err(e);
         }
     };
+    let site_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let site = match (&args.site_listen, tls) {
+        (Some(addr), Some(tls)) => {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("site listen address {addr}"));
+            let l = match l {
+                Ok(l) => l,
+                Err(e) => {
+                    control.stop();
+                    nbd.shutdown();
+                    daemon.shutdown();
+                    return Err(e);
+                }
+            };
+            let bound = l.local_addr().ok();
+            let devices = daemon.devices().clone();
+            let lookup: dmrep_site::receiver::Lookup =
+                Arc::new(move |name: &str| dmrep_targets::replicator::target::site_group(&devices, name));
+            let stop = site_stop.clone();
+            std::thread::Builder::new().name("site-listen".into()).spawn(move || {
+                if let Err(e) = dmrep_site::receiver::serve(l, tls, lookup, stop) {
+                    warn!("site listener stopped: {e}");
+                }
+            })?;
+            bound
+        }
+        _ => None,
+    };
     info!(
         control = %control_path.display(),
         nbd_unix = %args.nbd_unix.display(),
         nbd_tcp = ?tcp,
+        site = ?args.site_name,
+        site_listen = ?site,
         "dmrep daemon ready"
     );
-    Ok(Running { daemon, nbd, control, tcp })
+    Ok(Running { daemon, nbd, control, tcp, site_stop })
 }
 
 /// Open the NBD listeners and the control socket. On error the caller shuts `nbd`

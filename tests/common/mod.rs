@@ -211,6 +211,8 @@ pub struct Daemon {
     pub log: PathBuf,
     /// `--nbd-listen` address, if started with TCP.
     pub tcp: Option<String>,
+    /// More daemon options (a site's name, TLS files, listen address).
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -225,20 +227,34 @@ impl Daemon {
         Self::start_opts(true)
     }
 
+    /// Start a daemon with more options, given a function of its directory.
+    pub fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Daemon {
+        let mut d = Self::unstarted(false);
+        d.extra = extra(d.dir.path());
+        d.spawn();
+        d
+    }
+
     fn start_opts(tcp: bool) -> Daemon {
+        let mut d = Self::unstarted(tcp);
+        d.spawn();
+        d
+    }
+
+    fn unstarted(tcp: bool) -> Daemon {
         // Short path: Unix socket paths are limited to 108 bytes.
         let dir = tempfile::Builder::new().prefix("dmrep-t").tempdir_in("/tmp").unwrap();
         let p = dir.path().to_path_buf();
-        let mut d = Daemon {
+        let d = Daemon {
             control: p.join("control.sock"),
             nbd: p.join("nbd.sock"),
             state: p.join("state"),
             log: p.join("daemon.log"),
             tcp: tcp.then(|| format!("127.0.0.1:{}", free_port())),
             dir,
+            extra: Vec::new(),
             child: None,
         };
-        d.spawn();
         d
     }
 
@@ -260,6 +276,7 @@ impl Daemon {
         if let Some(a) = &self.tcp {
             cmd.args(["--nbd-listen", a]);
         }
+        cmd.args(&self.extra);
         cmd.env("DMREP_LOG", std::env::var("DMREP_LOG").unwrap_or_else(|_| "debug".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -34,7 +34,7 @@
 //! version 1 and encodes every frame with it.
 //!
 //! Protocol versions (one line per version, what changed):
-//! - 1: first version.
+//! - 1: first version (the `rejoin` kind, 10, was added before any release).
 
 use crate::le::*;
 use crate::replog::{MAX_COUNTER, MAX_SLINKS};
@@ -249,6 +249,7 @@ wire_enum! {
         ResyncData = 7 => "resync-data",
         ResyncAck = 8 => "resync-ack",
         Goodbye = 9 => "goodbye",
+        Rejoin = 10 => "rejoin",
     }
 }
 
@@ -269,6 +270,7 @@ impl MessageKind {
             Refused => 4 + MAX_REASON_LEN,
             Entries | ResyncData => MAX_PAYLOAD as usize,
             Ack | ResyncAck => 16,
+            Rejoin => 8,
             Heartbeat => 24,
             Goodbye => 2 + MAX_REASON_LEN,
         };
@@ -1084,6 +1086,18 @@ pub struct Goodbye {
     pub reason: String,
 }
 
+/// Primary -> secondary, after a resync: the secondary's devices now equal the
+/// primary's group state at `seq` (every dirty region was copied); shipping resumes after
+/// it. The secondary records `seq` as received once its log is applied, then acks.
+///
+/// | off | len | field | why |
+/// |----:|----:|-------|-----|
+/// | 0 | 8 | seq u64 | the primary's seq the copy stands at |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejoin {
+    pub seq: u64,
+}
+
 /// One message of the site protocol: a frame's decoded payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -1096,6 +1110,7 @@ pub enum Message {
     ResyncData(ResyncData),
     ResyncAck(ResyncAck),
     Goodbye(Goodbye),
+    Rejoin(Rejoin),
 }
 
 impl Message {
@@ -1110,6 +1125,7 @@ impl Message {
             Message::ResyncData(_) => MessageKind::ResyncData,
             Message::ResyncAck(_) => MessageKind::ResyncAck,
             Message::Goodbye(_) => MessageKind::Goodbye,
+            Message::Rejoin(_) => MessageKind::Rejoin,
         }
     }
 
@@ -1132,6 +1148,7 @@ impl Message {
             }
             Message::ResyncAck(a) => range("resync ack", a.offset, a.len as u64),
             Message::Goodbye(g) => check_reason("goodbye reason", &g.reason),
+            Message::Rejoin(r) => counter("rejoin seq", r.seq),
         }
     }
 
@@ -1195,6 +1212,7 @@ impl Message {
                 push_u32(out, a.len);
             }
             Message::Goodbye(g) => push_reason(out, &g.reason),
+            Message::Rejoin(r) => push_u64(out, r.seq),
         }
     }
 
@@ -1230,6 +1248,7 @@ impl Message {
                 Message::ResyncAck(ResyncAck { dev_nr: r.u32()?, offset: r.u64()?, len: r.u32()? })
             }
             MessageKind::Goodbye => Message::Goodbye(Goodbye { reason: r.reason("goodbye reason")? }),
+            MessageKind::Rejoin => Message::Rejoin(Rejoin { seq: r.u64()? }),
         };
         r.finish()?;
         m.validate()?;
@@ -1334,6 +1353,7 @@ mod tests {
             Message::ResyncData(ResyncData { dev_nr: 2, offset: 0, data: Vec::new() }),
             Message::ResyncAck(ResyncAck { dev_nr: 2, offset: 1 << 20, len: 5 }),
             Message::Goodbye(Goodbye { reason: "shutting down".into() }),
+            Message::Rejoin(Rejoin { seq: 77 }),
         ]
     }
 
@@ -1457,7 +1477,7 @@ mod tests {
             "protocol version 2 is not supported (this build speaks 1 to 1)"
         );
         assert_eq!(patched(6, 0), Err(WireError::UnknownKind(0)));
-        assert_eq!(patched(6, 10), Err(WireError::UnknownKind(10)));
+        assert_eq!(patched(6, 11), Err(WireError::UnknownKind(11)));
         assert_eq!(patched(8, 2), Err(WireError::UnknownFlags(2)));
         assert_eq!(patched(8, 0x8001), Err(WireError::UnknownFlags(0x8001)));
         assert_eq!(patched(10, 1), Err(WireError::Reserved { what: "frame header" }));

@@ -4,13 +4,21 @@
 //! - [`tls`]: mutual TLS between named sites (both ends present a certificate from the
 //!   sites' CA that names their site) and [`tls::TlsStream`], a full-duplex connection
 //!   one thread can write to while another blocks reading.
+//! - [`frames`]: site-protocol messages over a TLS stream (compression included).
+//! - [`net`]: the `net` SLINK handler at a primary (the shipper).
+//! - [`receiver`]: the site listener at a secondary (the receiver).
+//! - [`rate`]: the token bucket of a link's bandwidth cap.
 //! - [`pki`]: the small CA that issues those certificates (`ca.crt`/`ca.key`, then one
 //!   `<site>.crt`/`<site>.key` per site).
 //!
 //! A site name is what a site's certificate carries as its DNS subject alternative
 //! name, and what a peer is checked against: see [`check_site_name`].
 
+pub mod frames;
+pub mod net;
 pub mod pki;
+pub mod rate;
+pub mod receiver;
 pub mod tls;
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use super::slink::SlinkHandler;
 mod cursors;
 pub mod error;
 mod machine;
+pub mod site;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -137,6 +138,8 @@ pub struct Group {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The cursor committer: stopped after the copiers, which wait for it.
     committer: Mutex<Option<JoinHandle<()>>>,
+    /// At a secondary: what its receiver knows of the primary.
+    following: Mutex<site::Following>,
 }
 
 impl Inner {
@@ -303,7 +306,12 @@ impl Group {
             .name(format!("{name}-cursors"))
             .spawn(move || cursors::run(&i))
             .map_err(spawn_err)?;
-        Ok(Arc::new(Group { inner, threads: Mutex::new(threads), committer: Mutex::new(Some(committer)) }))
+        Ok(Arc::new(Group {
+            inner,
+            threads: Mutex::new(threads),
+            committer: Mutex::new(Some(committer)),
+            following: Mutex::default(),
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -539,4 +547,6 @@ pub struct GroupStatus {
     pub statistics: Option<Stats>,
     pub log_error: Option<String>,
     pub recovery: Option<String>,
+    /// The site's role, group identity and, at a secondary, the primary it follows.
+    pub site: site::SiteStatus,
 }

@@ -115,6 +115,10 @@ impl Group {
             statistics: m.stats.enabled.then(|| m.stats.clone()),
             log_error: m.log_error.as_ref().map(|e| e.to_string()),
             recovery: self.inner.recovery.as_ref().map(|r| format!("{r:?}")),
+            site: {
+                drop(m);
+                self.site_status()
+            },
         }
     }
 

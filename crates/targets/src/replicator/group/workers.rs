@@ -100,7 +100,15 @@ pub(super) fn appender(inner: Arc<Inner>) {
             }
             Io::FlushDirty(logs) => Event::DirtyFlushed { result: logs.iter().try_for_each(|l| l.flush()) },
             Io::Leave { slink, logs } => inner.leave(slink, &logs),
-            Io::Reorder { slink } => Event::Reordered { slink, result: inner.log.register_slink(slink) },
+            Io::Reorder { slink } => {
+                // The site hears first that its copy stands at the log's last seq (the
+                // appender is the only one appending: it stays the last until then).
+                let seq = inner.log.stats().next_seq - 1;
+                match inner.handler(slink).map_or(Ok(()), |h| h.rejoined(seq)) {
+                    Ok(()) => Event::Reordered { slink, result: inner.log.register_slink(slink) },
+                    Err(error) => Event::RejoinFailed { slink, error },
+                }
+            }
             Io::Apply(_) | Io::Resync(_) | Io::Probe { .. } => unreachable!("copier work handed to the appender"),
         };
         next = inner.event(ev).0;

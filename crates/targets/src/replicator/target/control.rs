@@ -299,8 +299,12 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     }
     let role = log.site().role;
     if let Some(r) = spec.log.role.filter(|r| *r != role) {
-        tracing::info!(group = ctx.device_name, table = r.name(), log = role.name(),
-            "the table's role differs from the log's: the log's role stands (a switchover or takeover changes it)");
+        tracing::info!(
+            group = ctx.device_name,
+            table = r.name(),
+            log = role.name(),
+            "the table's role differs from the log's: the log's role stands (a switchover or takeover changes it)"
+        );
     }
     // Transports other than local: at a primary, handlers of the group; at a secondary,
     // the peers it follows (the primary among them), which ship nothing from here.
@@ -406,6 +410,21 @@ impl Target for ReplicatorTarget {
         ));
         if st.writes_held {
             line.push_str(&format!(" writes held ({} queued)", st.queued_writes));
+        }
+        let site = &st.site;
+        if site.role == dmrep_formats::replog::SiteRole::Secondary {
+            line.push_str(&format!(
+                " secondary gen {} of {} received {} applied {} lag {},{},{:.1}s",
+                site.generation,
+                site.primary.as_deref().unwrap_or("(primary not connected)"),
+                site.received,
+                site.applied,
+                site.lag_entries,
+                site.lag_bytes,
+                site.lag_seconds
+            ));
+        } else if site.generation > 1 {
+            line.push_str(&format!(" primary gen {}", site.generation));
         }
         TargetStatus::new(line, serde_json::to_value(&st).unwrap_or_default())
     }

@@ -208,6 +208,12 @@ pub(crate) enum Event {
         slink: SlinkNr,
         result: Result<(), GroupError>,
     },
+    /// The site could not be told it rejoins ordered mode: it is down; rejoining is
+    /// tried again once it answers.
+    RejoinFailed {
+        slink: SlinkNr,
+        error: io::Error,
+    },
     Reordered {
         slink: SlinkNr,
         result: Result<(), LogError>,
@@ -512,6 +518,12 @@ impl Machine {
             Event::DirtyFlushed { result } => self.dirty_flushed(result),
             Event::Left { slink, result } => self.left(now, slink, result),
             Event::Reordered { slink, result } => self.reordered(now, slink, result),
+            Event::RejoinFailed { slink, error } => {
+                if self.slinks.contains_key(&slink) {
+                    self.went_down(now, slink, "telling the site it rejoins ordered mode", &error);
+                }
+                Effects { wake_copiers: true, ..Default::default() }
+            }
             Event::CopierReady { slink } => self.copier_ready(now, slink),
             Event::Applied { slink, era, last, took, result } => self.applied(now, slink, era, last, took, result),
             Event::LogReadFailed { slink, seq, error } => {

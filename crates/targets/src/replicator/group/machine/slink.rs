@@ -130,6 +130,11 @@ impl SlinkRt {
         }
     }
 
+    /// Seq of the oldest entry the SLINK has not applied.
+    pub fn first_outstanding(&self) -> Option<u64> {
+        self.outstanding.front().map(|o| o.0)
+    }
+
     /// Leaving ordered mode (out of sync already).
     pub fn leaving(&self) -> bool {
         self.leaving

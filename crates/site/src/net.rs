@@ -1,0 +1,463 @@
+//! The `net` SLINK handler at a primary: ships the group's log to a remote dmrep site.
+//!
+//! The group hands this handler batches of entries (several epochs at once: the remote
+//! site keeps them in a log of its own, from which it recovers to a prefix state by
+//! itself, see [`SlinkHandler::keeps_log`]). `apply` sends one `entries` frame and waits
+//! for the `ack` saying the secondary's log holds them durably; then the group moves this
+//! SLINK's cursor. So the application's write, for a synchronous SLINK, is acknowledged
+//! only once it is durable at the remote site.
+//!
+//! Connecting is the group's `probe`: TCP, mutual TLS (the peer must present the
+//! certificate of the site the table names), then `hello`/`welcome`. The welcome says
+//! what the secondary has durably received; entries up to it are not sent again, so a
+//! reconnect resumes where the secondary is, with no full copy. A secondary that has
+//! less than this site recorded as durable there lost acknowledged entries (its log was
+//! recreated): the link is refused with that reason, and a full resync is the operator's
+//! call (`dmrep message GROUP 0 invalidate N`).
+//!
+//! A link that answers nothing for the SLINK's `timeout` is down: `apply` fails, the
+//! group marks the SLINK inaccessible and probes (reconnects) with backoff, and its
+//! log-full and dirty-log machinery takes over as for any SLINK. While idle, a heartbeat
+//! every third of the timeout keeps the link checked and tells the secondary the newest
+//! seq here (its lag).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use dmrep_core::{Claim, TargetError};
+use dmrep_formats::replicator_table::net::{Compress, NetParams};
+use dmrep_formats::replog::SiteRole;
+use dmrep_formats::site::{
+    self, Compression, DeviceInfo, EntryBatch, Heartbeat, Hello, Message, Rejoin, ResyncData, Role, WireEntry, WireKind,
+};
+use dmrep_targets::replicator::log::{EntryKind, RingLog};
+use dmrep_targets::replicator::slink::{ApplyEntry, LinkSetup, SlinkHandler, Transport};
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::frames;
+use crate::rate::TokenBucket;
+use crate::tls::{SiteTls, TlsReader, TlsWriter};
+
+/// Builds `net` SLINK handlers for this daemon's site.
+pub struct NetTransport {
+    tls: Arc<SiteTls>,
+}
+
+impl NetTransport {
+    pub fn new(tls: Arc<SiteTls>) -> NetTransport {
+        NetTransport { tls }
+    }
+}
+
+impl Transport for NetTransport {
+    fn create(&self, setup: LinkSetup<'_>) -> Result<Arc<dyn SlinkHandler>, TargetError> {
+        let params = NetParams::parse(setup.slink, setup.params)
+            .map_err(|e| TargetError::params("replicator", e.to_string()))?;
+        if params.site == self.tls.site() {
+            return Err(TargetError::params(
+                "replicator",
+                format!("slink {}: site={} is this daemon's own site", setup.slink, params.site),
+            ));
+        }
+        let link = Arc::new(NetSlink {
+            group: setup.group.to_string(),
+            slink: setup.slink,
+            bucket: params.rate.map(|r| Mutex::new(TokenBucket::new(r))),
+            params,
+            tls: self.tls.clone(),
+            log: setup.log,
+            dev_bytes: setup.dev_bytes,
+            devs: RwLock::new(BTreeSet::new()),
+            conn: Mutex::new(None),
+            stats: Mutex::new(LinkStats::default()),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&link);
+        std::thread::Builder::new()
+            .name(format!("{}-slink{}-hb", setup.group, setup.slink))
+            .spawn(move || heartbeats(weak))
+            .map_err(|e| TargetError::params("replicator", format!("cannot start the heartbeat thread: {e}")))?;
+        Ok(link)
+    }
+}
+
+/// Counters of one link (status, metrics).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LinkStats {
+    /// Data bytes of entries and resync regions shipped.
+    pub bytes_raw: u64,
+    /// Bytes on the wire (frames, after compression).
+    pub bytes_wire: u64,
+    pub connects: u64,
+    pub last_error: Option<String>,
+    /// Round trip of the last acknowledged batch, microseconds.
+    pub last_rtt_us: u64,
+}
+
+struct Conn {
+    w: TlsWriter,
+    r: TlsReader,
+    /// What the secondary has durably received (its acks).
+    received: u64,
+    compression: Compression,
+    last_used: Instant,
+}
+
+/// A `net` SLINK: one remote site.
+pub struct NetSlink {
+    group: String,
+    slink: u16,
+    params: NetParams,
+    tls: Arc<SiteTls>,
+    log: Arc<RingLog>,
+    dev_bytes: u64,
+    devs: RwLock<BTreeSet<u32>>,
+    /// The connection, while up. Held for a whole request/answer exchange.
+    conn: Mutex<Option<Conn>>,
+    stats: Mutex<LinkStats>,
+    bucket: Option<Mutex<TokenBucket>>,
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+}
+
+fn other(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+impl NetSlink {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.params.timeout_ms)
+    }
+
+    fn who(&self) -> String {
+        format!("site {} at {}", self.params.site, self.params.addr)
+    }
+
+    /// Connect and shake hands; the connection, or why not.
+    fn connect(&self) -> io::Result<Conn> {
+        let stream =
+            self.tls.connect(&self.params.addr, &self.params.site, self.timeout()).map_err(|e| other(e.to_string()))?;
+        let (w, mut r) = stream.split();
+        r.set_read_timeout(Some(self.timeout()))?;
+        let site = self.log.site();
+        if site.role != SiteRole::Primary {
+            return Err(other(format!("group {} is a {} here: it ships nothing", self.group, site.role.name())));
+        }
+        let devices: Vec<DeviceInfo> =
+            self.devs.read().iter().map(|d| DeviceInfo { dev_nr: *d, bytes: self.dev_bytes }).collect();
+        let features = match self.params.compress {
+            Compress::None => 0,
+            Compress::Zstd => site::features::ZSTD,
+            Compress::Lz4 => site::features::LZ4,
+        };
+        let hello = Message::Hello(Hello {
+            proto_min: site::PROTO_MIN,
+            proto_max: site::PROTO_MAX,
+            features,
+            group_name: self.group.clone(),
+            group_uuid: site.group_uuid,
+            site: self.tls.site().to_string(),
+            role: Role::Primary,
+            generation: site.generation,
+            slink: self.slink,
+            devices,
+        });
+        frames::send(&w, &hello, Compression::None)?;
+        let welcome = match frames::read(&mut r) {
+            Ok((Message::Welcome(w), _)) => w,
+            Ok((Message::Refused(f), _)) => {
+                return Err(other(format!("{} refused group {}: {} ({})", self.who(), self.group, f.reason, f.code)))
+            }
+            Ok((m, _)) => return Err(other(format!("{} answered hello with {}", self.who(), m.kind()))),
+            Err(e) => return Err(other(format!("{}: no welcome: {e}", self.who()))),
+        };
+        if welcome.group_uuid != site.group_uuid {
+            return Err(other(format!("{} belongs to another group of the same name", self.who())));
+        }
+        if welcome.generation > site.generation {
+            return Err(other(format!(
+                "{} knows generation {} of group {}, newer than ours ({}): this site is not its primary any more",
+                self.who(),
+                welcome.generation,
+                self.group,
+                site.generation
+            )));
+        }
+        let cursor = self.log.cursor(self.slink).unwrap_or(0);
+        if welcome.received < cursor {
+            return Err(other(format!(
+                "{} has received up to seq {} but acknowledged up to {cursor}: its log lost entries it had made \
+                 durable; its copy needs a full resync (dmrep message {} 0 invalidate {})",
+                self.who(),
+                welcome.received,
+                self.group,
+                self.slink
+            )));
+        }
+        let compression = if welcome.features & site::features::ZSTD != 0 {
+            Compression::Zstd
+        } else if welcome.features & site::features::LZ4 != 0 {
+            Compression::Lz4
+        } else {
+            Compression::None
+        };
+        self.stats.lock().connects += 1;
+        tracing::info!(group = %self.group, slink = self.slink, peer = %self.params.site, addr = %self.params.addr,
+            received = welcome.received, applied = welcome.applied, ?compression, "site link up");
+        Ok(Conn { w, r, received: welcome.received, compression, last_used: Instant::now() })
+    }
+
+    /// Send `msg` and read until `done` says the answer came. The connection is dropped
+    /// on any failure (the group probes to reconnect).
+    fn exchange(
+        &self,
+        slot: &mut Option<Conn>,
+        msg: &Message,
+        raw: u64,
+        mut done: impl FnMut(&mut Conn, &Message) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        let Some(c) = slot.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, format!("not connected to {}", self.who())));
+        };
+        let frame = frames::encode(msg, c.compression);
+        let wire = frame.len() as u64;
+        if let Some(b) = &self.bucket {
+            let wait = b.lock().take(wire);
+            std::thread::sleep(wait);
+        }
+        let t0 = Instant::now();
+        let result = (|| {
+            c.w.send(frame)?;
+            loop {
+                match frames::read(&mut c.r) {
+                    Ok((m, _)) => {
+                        if let Message::Goodbye(g) = &m {
+                            return Err(other(format!("{} closed the link: {}", self.who(), g.reason)));
+                        }
+                        if done(c, &m)? {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.timed_out() => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("{} answered nothing for {:?}", self.who(), self.timeout()),
+                        ))
+                    }
+                    Err(e) => return Err(other(format!("{}: {e}", self.who()))),
+                }
+            }
+        })();
+        match result {
+            Ok(()) => {
+                c.last_used = Instant::now();
+                let mut s = self.stats.lock();
+                s.bytes_raw += raw;
+                s.bytes_wire += wire;
+                s.last_rtt_us = t0.elapsed().as_micros() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(group = %self.group, slink = self.slink, "site link down: {e}");
+                self.stats.lock().last_error = Some(e.to_string());
+                *slot = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Connect if not connected (a new link, or one the group is about to use after
+    /// the last connection ended): the first write does not fail for want of a probe.
+    fn ensure(&self, slot: &mut Option<Conn>) -> io::Result<()> {
+        if slot.is_none() {
+            match self.connect() {
+                Ok(c) => *slot = Some(c),
+                Err(e) => {
+                    self.stats.lock().last_error = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters of the link.
+    pub fn stats(&self) -> LinkStats {
+        self.stats.lock().clone()
+    }
+}
+
+impl Drop for NetSlink {
+    fn drop(&mut self) {
+        *self.stop.lock() = true;
+        self.stop_cv.notify_all();
+    }
+}
+
+/// While the link is up and idle, a heartbeat every third of the timeout: a dead link is
+/// found before the next write needs it, and the secondary learns the newest seq here.
+fn heartbeats(link: Weak<NetSlink>) {
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        let every = l.timeout() / 3;
+        {
+            let mut stop = l.stop.lock();
+            if *stop {
+                return;
+            }
+            l.stop_cv.wait_for(&mut stop, every.max(Duration::from_millis(50)));
+            if *stop {
+                return;
+            }
+        }
+        let mut slot = l.conn.lock();
+        let idle = slot.as_ref().is_some_and(|c| c.last_used.elapsed() >= every);
+        if !idle {
+            continue;
+        }
+        let now_us = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let last = l.log.stats().next_seq.saturating_sub(1);
+        let durable = l.log.cursor(l.slink).unwrap_or(0);
+        let hb = Message::Heartbeat(Heartbeat { time_us: now_us, last_seq: last, durable });
+        let _ = l.exchange(&mut slot, &hb, 0, |_, m| Ok(matches!(m, Message::Heartbeat(_))));
+    }
+}
+
+fn wire_kind(k: EntryKind) -> WireKind {
+    match k {
+        EntryKind::Write => WireKind::Write,
+        EntryKind::WriteZeroes => WireKind::WriteZeroes,
+        EntryKind::Discard => WireKind::Discard,
+    }
+}
+
+impl SlinkHandler for NetSlink {
+    fn kind(&self) -> &'static str {
+        "net"
+    }
+
+    fn attach(&self, dev_nr: u32, device: &str, _need_bytes: u64) -> Result<(), TargetError> {
+        if device.parse::<u32>().ok() != Some(dev_nr) {
+            return Err(TargetError::params(
+                "replicator",
+                format!(
+                    "slink {}: device {dev_nr}: a net slink names the remote device by its dev_nr, which must be \
+                     {dev_nr} (devices pair by dev_nr across sites), found {device:?}",
+                    self.slink
+                ),
+            ));
+        }
+        self.devs.write().insert(dev_nr);
+        Ok(())
+    }
+
+    fn keep_claim(&self, _dev_nr: u32, _claim: Claim) {}
+
+    fn attach_missing(&self, dev_nr: u32, _device: &str, _need_bytes: u64) {
+        self.devs.write().insert(dev_nr);
+    }
+
+    fn detach(&self, dev_nr: u32) {
+        self.devs.write().remove(&dev_nr);
+    }
+
+    fn has_device(&self, dev_nr: u32) -> bool {
+        self.devs.read().contains(&dev_nr)
+    }
+
+    fn devices(&self) -> Vec<u32> {
+        self.devs.read().iter().copied().collect()
+    }
+
+    fn keeps_log(&self) -> bool {
+        true
+    }
+
+    fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
+        let mut slot = self.conn.lock();
+        self.ensure(&mut slot)?;
+        let received = slot.as_ref().map_or(0, |c| c.received);
+        let fresh: Vec<&ApplyEntry<'_>> = entries.iter().filter(|e| e.seq > received).collect();
+        let Some(last) = fresh.last().map(|e| e.seq) else {
+            // The secondary had them all already (an ack lost before a reconnect).
+            return if slot.is_some() {
+                Ok(())
+            } else {
+                Err(io::Error::new(io::ErrorKind::NotConnected, format!("not connected to {}", self.who())))
+            };
+        };
+        let batch = EntryBatch {
+            entries: fresh
+                .iter()
+                .map(|e| WireEntry {
+                    seq: e.seq,
+                    epoch: e.epoch,
+                    origin_time_us: e.time_us,
+                    offset: e.offset,
+                    dev_nr: e.dev_nr,
+                    kind: wire_kind(e.kind),
+                    len: e.len,
+                    data: e.data.to_vec(),
+                })
+                .collect(),
+        };
+        let raw: u64 = fresh.iter().map(|e| e.data.len() as u64).sum();
+        self.exchange(&mut slot, &Message::Entries(batch), raw, |c, m| {
+            Ok(match m {
+                Message::Ack(a) => {
+                    c.received = c.received.max(a.received);
+                    a.received >= last
+                }
+                _ => false,
+            })
+        })
+    }
+
+    fn copy_region(&self, dev_nr: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut slot = self.conn.lock();
+        self.ensure(&mut slot)?;
+        let msg = Message::ResyncData(ResyncData { dev_nr, offset, data: data.to_vec() });
+        self.exchange(&mut slot, &msg, data.len() as u64, |_, m| {
+            Ok(matches!(m, Message::ResyncAck(a) if a.dev_nr == dev_nr && a.offset == offset))
+        })
+    }
+
+    fn rejoined(&self, seq: u64) -> io::Result<()> {
+        let mut slot = self.conn.lock();
+        self.ensure(&mut slot)?;
+        self.exchange(&mut slot, &Message::Rejoin(Rejoin { seq }), 0, |c, m| {
+            Ok(match m {
+                Message::Ack(a) if a.received >= seq => {
+                    c.received = a.received;
+                    true
+                }
+                _ => false,
+            })
+        })
+    }
+
+    fn read(&self, _dev_nr: u32, _offset: u64, _buf: &mut [u8]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "a net slink's devices are read at their site"))
+    }
+
+    fn probe(&self) -> io::Result<()> {
+        self.ensure(&mut self.conn.lock())
+    }
+
+    fn describe(&self) -> String {
+        let up = self.conn.lock().is_some();
+        format!(
+            "site {} at {} ({})",
+            self.params.site,
+            self.params.addr,
+            if up { "connected" } else { "not connected" }
+        )
+    }
+
+    fn device_path(&self, dev_nr: u32) -> Option<String> {
+        self.has_device(dev_nr).then(|| format!("{}:{dev_nr}", self.params.site))
+    }
+}

@@ -1,0 +1,391 @@
+//! The site receiver at a secondary: `dmrep daemon --site-listen ADDR`.
+//!
+//! Each connection: mutual TLS (the peer's certificate names its site), then the peer's
+//! `hello` is checked before anything else is accepted: the group must exist here and be
+//! a secondary; the peer's certificate must name a site the group's table names as a
+//! peer, and the hello must claim that same site; it must be a primary of the same group
+//! (UUID; a new secondary is bound to the UUID of its first primary) and of a generation
+//! not older than ours; every device it ships must exist here, large enough. A refusal
+//! is sent as `refused` with the reason and logged in the same words.
+//!
+//! Then entries are appended to this site's own log through the group, with their
+//! origin (the primary's seq and time), and acknowledged once durable there; the group's
+//! SLINK 0 applies them to the devices in order, so a crash here at any instant recovers
+//! to a prefix state without the primary. Entries this site already has (an ack lost in
+//! a reconnect) are skipped. Resync regions are written straight to the devices after
+//! every logged entry is applied; `rejoin` records where the copy stands.
+//!
+//! A newer connection for a group replaces an older one (the old one is usually a dead
+//! link the primary gave up on).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dmrep_core::{Completion, IoSink, Op, Request};
+use dmrep_formats::replicator_table::net::NetParams;
+use dmrep_formats::replog::SiteRole;
+use dmrep_formats::site::{
+    self, Ack, Compression, DeviceInfo, EntryBatch, Goodbye, Heartbeat, Hello, Message, RefuseCode, Refused, ResyncAck,
+    Role, Welcome, WireKind,
+};
+use dmrep_targets::replicator::group::Group;
+use dmrep_targets::replicator::log::Origin;
+use dmrep_targets::replicator::target::SiteGroup;
+use parking_lot::{Condvar, Mutex};
+
+use crate::frames;
+use crate::tls::{SiteTls, TlsReader, TlsWriter};
+
+/// How long a TLS handshake and the hello may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A primary that sends nothing (not even heartbeats, which come every third of its
+/// link timeout) for this long is gone: the connection is closed. Above the largest
+/// link timeout a table would sensibly use.
+const SILENCE: Duration = Duration::from_secs(90);
+
+/// Finds the group a hello names.
+pub type Lookup = Arc<dyn Fn(&str) -> Option<SiteGroup> + Send + Sync>;
+
+/// Which connection is the current one of each group.
+#[derive(Default)]
+struct Sessions {
+    current: Mutex<BTreeMap<String, u64>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Accept site connections on `listener` until `stop` is set (checked every 200 ms).
+pub fn serve(listener: TcpListener, tls: Arc<SiteTls>, lookup: Lookup, stop: Arc<AtomicBool>) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let sessions = Arc::new(Sessions::default());
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((tcp, addr)) => {
+                let (tls, lookup, sessions) = (tls.clone(), lookup.clone(), sessions.clone());
+                let _ = std::thread::Builder::new().name(format!("site-{addr}")).spawn(move || {
+                    if let Err(e) = tcp.set_nonblocking(false) {
+                        tracing::warn!(%addr, "site connection: {e}");
+                        return;
+                    }
+                    connection(tcp, &tls, &lookup, &sessions);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => {
+                tracing::warn!("site listener: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Sessions) {
+    let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let (stream, peer) = match tls.accept(tcp, HANDSHAKE_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%addr, "site connection refused: {e}");
+            return;
+        }
+    };
+    let (w, mut r) = stream.split();
+    if r.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).is_err() {
+        return;
+    }
+    let hello = match frames::read(&mut r) {
+        Ok((Message::Hello(h), _)) => h,
+        Ok((m, _)) => {
+            refuse(&w, &addr, RefuseCode::Internal, format!("expected hello, got {}", m.kind()));
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%addr, site = %peer, "site connection: no hello: {e}");
+            return;
+        }
+    };
+    let (sg, version) = match admit(&hello, &peer, lookup) {
+        Ok(x) => x,
+        Err((code, reason)) => {
+            refuse(&w, &addr, code, reason);
+            return;
+        }
+    };
+    let group = sg.group;
+    let id = sessions.next.fetch_add(1, Ordering::Relaxed);
+    sessions.current.lock().insert(hello.group_name.clone(), id);
+    let site = group.site();
+    let devices = group.device_numbers().into_iter().map(|d| DeviceInfo { dev_nr: d, bytes: sg.dev_bytes }).collect();
+    let welcome = Message::Welcome(Welcome {
+        proto: version,
+        features: hello.features & site::KNOWN_FEATURES,
+        site: tls.site().to_string(),
+        role: Role::Secondary,
+        generation: site.generation,
+        group_uuid: site.group_uuid,
+        received: group.received(),
+        applied: group.applied_origin(),
+        devices,
+    });
+    if frames::send(&w, &welcome, Compression::None).is_err() {
+        return;
+    }
+    tracing::info!(group = %hello.group_name, primary = %peer, %addr, received = group.received(), "following primary");
+    group.update_following(|f| {
+        f.primary = Some((peer.clone(), addr.clone()));
+        f.connected_since = Some(SystemTime::now());
+        f.last_heard = Some(SystemTime::now());
+        f.last_error = None;
+    });
+    let end = follow(&group, &w, &mut r, || sessions.current.lock().get(&hello.group_name) == Some(&id));
+    tracing::info!(group = %hello.group_name, primary = %peer, "primary link ended: {end}");
+    if sessions.current.lock().get(&hello.group_name) == Some(&id) {
+        group.update_following(|f| {
+            f.primary = None;
+            f.connected_since = None;
+            f.last_error = Some(end.clone());
+        });
+    }
+    let _ = frames::send(&w, &Message::Goodbye(Goodbye { reason: truncate(end, 1000) }), Compression::None);
+    w.shutdown();
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn refuse(w: &TlsWriter, addr: &str, code: RefuseCode, reason: String) {
+    tracing::warn!(%addr, site = %w.peer_site(), %code, "site connection refused: {reason}");
+    let msg = Message::Refused(Refused { code, reason: truncate(reason, 1000) });
+    let _ = frames::send(w, &msg, Compression::None);
+    let _ = w.flush();
+    w.shutdown();
+}
+
+/// Check a hello against this site; the group and protocol version, or the refusal.
+fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<(SiteGroup, u16), (RefuseCode, String)> {
+    let version = site::negotiate(site::PROTO_MIN, site::PROTO_MAX, hello.proto_min, hello.proto_max).ok_or((
+        RefuseCode::BadVersion,
+        format!(
+            "protocol versions {}..{} offered, this site speaks {}..{}",
+            hello.proto_min,
+            hello.proto_max,
+            site::PROTO_MIN,
+            site::PROTO_MAX
+        ),
+    ))?;
+    let name = &hello.group_name;
+    let sg = lookup(name).ok_or((RefuseCode::UnknownGroup, format!("no group named {name} runs at this site")))?;
+    let here = sg.group.site();
+    if here.role != SiteRole::Secondary {
+        return Err((
+            RefuseCode::NotSecondary,
+            format!("group {name} is the {} here, not a secondary", here.role.name()),
+        ));
+    }
+    if hello.site != peer {
+        return Err((
+            RefuseCode::WrongSite,
+            format!("the peer claims to be site '{}' but its certificate is for site '{peer}'", hello.site),
+        ));
+    }
+    let peers: Vec<String> =
+        sg.peers.iter().filter_map(|(nr, p)| NetParams::parse(*nr, p).ok()).map(|p| p.site).collect();
+    if !peers.iter().any(|p| p == peer) {
+        return Err((
+            RefuseCode::WrongSite,
+            format!("site '{peer}' is not a peer of group {name} here (its table names: {})", peers.join(", ")),
+        ));
+    }
+    if hello.role != Role::Primary {
+        return Err((
+            RefuseCode::NotSecondary,
+            format!("site '{peer}' connects as a {}, not as the primary", hello.role),
+        ));
+    }
+    if here.group_uuid != [0; 16] && here.group_uuid != hello.group_uuid {
+        return Err((
+            RefuseCode::WrongGroupUuid,
+            format!(
+                "group {name} here is {}, the peer's is {}: another group of the same name",
+                uuid_text(&here.group_uuid),
+                uuid_text(&hello.group_uuid)
+            ),
+        ));
+    }
+    if hello.generation < here.generation {
+        return Err((
+            RefuseCode::StaleGeneration,
+            format!(
+                "site '{peer}' is a primary of generation {}, but this site follows generation {}: it was replaced",
+                hello.generation, here.generation
+            ),
+        ));
+    }
+    let ours = sg.group.device_numbers();
+    for d in &hello.devices {
+        if !ours.contains(&d.dev_nr) {
+            return Err((
+                RefuseCode::DeviceMismatch,
+                format!("device {} of group {name} does not exist here", d.dev_nr),
+            ));
+        }
+        if d.bytes > sg.dev_bytes {
+            return Err((
+                RefuseCode::DeviceMismatch,
+                format!("device {} is {} bytes at the primary, only {} here", d.dev_nr, d.bytes, sg.dev_bytes),
+            ));
+        }
+    }
+    if here.group_uuid == [0; 16] || hello.generation > here.generation {
+        sg.group
+            .set_site(|s| {
+                s.group_uuid = hello.group_uuid;
+                s.generation = hello.generation;
+            })
+            .map_err(|e| (RefuseCode::Internal, format!("cannot record the group's identity: {e}")))?;
+        tracing::info!(group = %name, uuid = %uuid_text(&hello.group_uuid), generation = hello.generation, primary = %peer,
+            "group identity recorded");
+    }
+    Ok((sg, version))
+}
+
+fn uuid_text(u: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*u).to_string()
+}
+
+/// Completions of the writes of one received batch.
+#[derive(Default)]
+struct Batch {
+    state: Mutex<(usize, Option<String>)>,
+    cv: Condvar,
+}
+
+impl IoSink for Batch {
+    fn complete(&self, _req: Request, result: io::Result<()>) {
+        let mut s = self.state.lock();
+        s.0 -= 1;
+        if let Err(e) = result {
+            s.1.get_or_insert(e.to_string());
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// Append a batch to the group's log; what it has received after.
+fn receive(group: &Group, batch: EntryBatch) -> Result<u64, String> {
+    let received = group.received();
+    let sink = Arc::new(Batch::default());
+    let fresh: Vec<_> = batch.entries.into_iter().filter(|e| e.seq > received).collect();
+    sink.state.lock().0 = fresh.len();
+    for (i, e) in fresh.into_iter().enumerate() {
+        let op = match e.kind {
+            WireKind::Write => Op::Write { fua: false },
+            WireKind::WriteZeroes => Op::WriteZeroes { may_trim: false, fua: false },
+            WireKind::Discard => Op::Discard,
+        };
+        let req = Request::new(op, e.offset, e.len as u64, e.data, i as u64);
+        let done = Completion::new(sink.clone(), i as u64);
+        group.submit_received(e.dev_nr, req, done, Origin { seq: e.seq, time_us: e.origin_time_us });
+    }
+    let mut s = sink.state.lock();
+    while s.0 > 0 {
+        sink.cv.wait(&mut s);
+    }
+    match s.1.take() {
+        Some(e) => Err(format!("appending received entries failed: {e}")),
+        None => Ok(group.received()),
+    }
+}
+
+/// Serve one primary until the link ends; why it ended.
+fn follow(group: &Group, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() -> bool) -> String {
+    if let Err(e) = r.set_read_timeout(Some(Duration::from_secs(1))) {
+        return e.to_string();
+    }
+    let mut silent = Duration::ZERO;
+    loop {
+        if !current() {
+            return "a newer connection from the primary replaced this one".into();
+        }
+        let msg = match frames::read(r) {
+            Ok((m, _)) => m,
+            Err(e) if e.timed_out() => {
+                silent += Duration::from_secs(1);
+                if silent >= SILENCE {
+                    return format!("the primary sent nothing for {SILENCE:?}");
+                }
+                continue;
+            }
+            Err(e) => return e.to_string(),
+        };
+        silent = Duration::ZERO;
+        group.update_following(|f| f.last_heard = Some(SystemTime::now()));
+        let reply = match msg {
+            Message::Entries(batch) => {
+                let last = batch.entries.last().map_or(0, |e| e.seq);
+                let received = match receive(group, batch) {
+                    Ok(r) => r,
+                    Err(e) => return e,
+                };
+                group.update_following(|f| {
+                    f.primary_last_seq = f.primary_last_seq.max(last);
+                    if received >= f.primary_last_seq {
+                        f.behind_since = None;
+                    }
+                });
+                Message::Ack(Ack { received, applied: group.applied_origin() })
+            }
+            Message::Heartbeat(h) => {
+                let received = group.received();
+                group.update_following(|f| {
+                    f.primary_last_seq = h.last_seq;
+                    if h.last_seq > received {
+                        f.behind_since.get_or_insert(SystemTime::now());
+                    } else {
+                        f.behind_since = None;
+                    }
+                });
+                let now_us =
+                    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+                Message::Heartbeat(Heartbeat { time_us: now_us, last_seq: received, durable: group.applied_origin() })
+            }
+            Message::ResyncData(d) => {
+                if let Err(e) = group.write_resync(d.dev_nr, d.offset, &d.data) {
+                    return format!("writing resync data to device {} at {}: {e}", d.dev_nr, d.offset);
+                }
+                Message::ResyncAck(ResyncAck { dev_nr: d.dev_nr, offset: d.offset, len: d.data.len() as u32 })
+            }
+            Message::Rejoin(j) => {
+                let done = group.wait_applied(Duration::from_secs(60)).map_err(|e| e.to_string()).and_then(|()| {
+                    if j.seq > group.received() {
+                        group.set_received(j.seq).map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = done {
+                    return format!("rejoining at seq {}: {e}", j.seq);
+                }
+                tracing::info!(group = %group.name(), seq = j.seq, "resync from the primary complete: following in order");
+                Message::Ack(Ack { received: group.received(), applied: group.applied_origin() })
+            }
+            Message::Goodbye(g) => return format!("the primary closed the link: {}", g.reason),
+            other => return format!("unexpected {} from the primary", other.kind()),
+        };
+        if let Err(e) = frames::send(w, &reply, Compression::None) {
+            return e.to_string();
+        }
+    }
+}

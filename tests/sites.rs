@@ -1,0 +1,401 @@
+//! Remote sites over the network (`net` SLINKs, the site receiver, mutual TLS): two or
+//! three real daemons on loopback, with certificates made by `dmrep pki`, and the fault
+//! proxy between them where the network must fail.
+//!
+//! - a secondary follows its primary: equal bytes once lag is 0, its status names the
+//!   primary and its lag, its exports refuse writes;
+//! - kill -9 of the secondary while the primary writes: its devices are prefix states;
+//!   it restarts, recovers and keeps following, with no region copied;
+//! - a link cut (connections reset) and a black hole longer than the link timeout: the
+//!   SLINK goes down, the log absorbs the writes, shipping resumes where the secondary
+//!   is, no full copy;
+//! - a synchronous SLINK acknowledges a write only once it is durable at the secondary;
+//! - security: a certificate from another CA, a site the group does not name, another
+//!   group of the same name: refused before any byte reaches the secondary's devices;
+//!   garbage on the site port does not hurt the daemon.
+
+mod common;
+#[path = "common/nbd_client.rs"]
+mod nbd_client;
+#[path = "common/wof.rs"]
+mod wof;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use common::*;
+use dmrep_faultproxy::FaultProxy;
+use wof::*;
+
+const DEV_SECTORS: u64 = 65536;
+const NBLOCKS: u64 = 2048;
+
+/// `dmrep pki init` and one certificate per site, in a directory of its own.
+fn pki(sites: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("dmrep-pki").tempdir_in("/tmp").unwrap();
+    let d = dir.path().to_str().unwrap();
+    run_ok(Command::new(BIN).args(["pki", "init", d]));
+    for s in sites {
+        run_ok(Command::new(BIN).args(["pki", "issue", d, s]));
+    }
+    dir
+}
+
+/// A site: a daemon with a site name, TLS files and a site listener.
+struct Site {
+    d: Daemon,
+    name: String,
+    listen: SocketAddr,
+}
+
+impl Site {
+    fn start(name: &str, pki: &Path) -> Site {
+        let port = free_port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (n, p) = (name.to_string(), pki.to_path_buf());
+        let d = Daemon::start_with(move |_| {
+            vec![
+                "--site-name".into(),
+                n,
+                "--tls-dir".into(),
+                p.display().to_string(),
+                "--site-listen".into(),
+                listen.to_string(),
+            ]
+        });
+        Site { d, name: name.to_string(), listen }
+    }
+
+    fn dev(&self, n: u32) -> PathBuf {
+        self.d.dir().join(format!("dev{n}"))
+    }
+
+    /// Group `g` of `ndev` devices: this site's devices on SLINK 0, the peer on SLINK 1.
+    fn table(
+        &self,
+        ndev: u32,
+        secondary: bool,
+        peer: &str,
+        peer_addr: SocketAddr,
+        policy: &str,
+        extra: &str,
+    ) -> String {
+        for n in 0..ndev {
+            if !self.dev(n).exists() {
+                self.d.make_file(&format!("dev{n}"), DEV_SECTORS * 512);
+            }
+        }
+        let log = self.d.dir().join("replog");
+        let role = if secondary { " role=secondary" } else { "" };
+        let nlog = if secondary { 5 } else { 4 };
+        let mut t = format!("0 {DEV_SECTORS} replicator default {nlog} {} 0 auto 65536{role}", log.display());
+        let net_params: Vec<String> = ["1", policy, &peer_addr.to_string(), &format!("site={peer}")]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra.split_whitespace().map(String::from))
+            .collect();
+        for n in 0..ndev {
+            t += &format!(" local 2 0 async 2 {n} {} - 0", self.dev(n).display());
+            t += &format!(" net {} {} 2 {n} {n} core 2 2048 nosync", net_params.len(), net_params.join(" "));
+        }
+        t
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.d.json(&["status", "g"])[0]["segments"][0]["detail"].clone()
+    }
+
+    fn site_status(&self) -> serde_json::Value {
+        self.status()["site"].clone()
+    }
+
+    /// SLINK `nr`'s status at this (primary) site.
+    fn slink(&self, nr: u64) -> serde_json::Value {
+        self.status()["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == nr).cloned().unwrap()
+    }
+}
+
+/// Primary `paris` and secondary `tokyo` of group `g` (`ndev` devices), the primary
+/// reaching the secondary at `via` (the secondary's listener, or a proxy in front).
+fn pair(pki: &Path, ndev: u32, policy: &str, extra: &str, via: Option<SocketAddr>) -> (Site, Site) {
+    let b = Site::start("tokyo", pki);
+    let a = Site::start("paris", pki);
+    b.d.create("g", &b.table(ndev, true, "paris", a.listen, "async", ""));
+    a.d.create("g", &a.table(ndev, false, "tokyo", via.unwrap_or(b.listen), policy, extra));
+    (a, b)
+}
+
+fn hash(p: &Path) -> u32 {
+    crc32(&std::fs::read(p).unwrap())
+}
+
+/// Wait until the primary has shipped everything and the secondary applied it.
+fn wait_caught_up(a: &Site, b: &Site, timeout: Duration) {
+    let ok = wait_until(timeout, || {
+        let s = a.slink(1);
+        let last = a.status()["log"]["next_seq"].as_u64().unwrap() - 1;
+        s["outstanding_ios"] == 0 && b.site_status()["applied"].as_u64() == Some(last) && {
+            let l = b.site_status();
+            l["lag_entries"] == 0
+        }
+    });
+    assert!(
+        ok,
+        "secondary not caught up within {timeout:?}:\nprimary slink 1: {}\nsecondary: {}",
+        a.slink(1),
+        b.site_status()
+    );
+}
+
+fn assert_same(a: &Site, b: &Site, ndev: u32) {
+    for n in 0..ndev {
+        assert_eq!(hash(&a.dev(n)), hash(&b.dev(n)), "device {n} differs between {} and {}", a.name, b.name);
+    }
+}
+
+#[test]
+fn secondary_follows_its_primary_and_refuses_writes() {
+    require!("qemu-io");
+    let pki = pki(&["paris", "tokyo"]);
+    let (a, b) = pair(pki.path(), 2, "async", "compress=lz4", None);
+    let data = random_bytes(3 << 20);
+    let src = a.d.dir().join("data");
+    std::fs::write(&src, &data).unwrap();
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 0x5a 0 1M", "write -P 0x11 8M 64k"]);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["dd", "-f", "raw", "-O", "raw", "bs=1M", "count=3"])
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", a.d.uri("g-1"))),
+    );
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 2);
+    assert_eq!(read_at(&b.dev(1), 0, data.len()), data, "device 1 at the secondary");
+
+    let s = b.site_status();
+    assert_eq!(s["role"], "secondary");
+    assert_eq!(s["primary"], "paris", "{s}");
+    assert!(s["received"].as_u64().unwrap() > 0 && s["received"] == s["applied"], "{s}");
+    assert_eq!(s["lag_seconds"].as_f64(), Some(0.0), "{s}");
+    assert!(!s["group_uuid"].as_str().unwrap().is_empty(), "bound to the primary's group: {s}");
+    assert_eq!(a.site_status()["group_uuid"], s["group_uuid"]);
+    // The compressed link shipped fewer bytes than it carried (patterned data).
+    assert_eq!(a.slink(1)["accessible"], true);
+    assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region copied");
+
+    // The secondary's exports take no writes from clients.
+    let o = qemu_io(&b.d.uri("g-0"), &["write -P 0x66 0 4k"]);
+    let out = show(&o);
+    assert!(!o.status.success() || out.contains("failed"), "a write at the secondary must fail: {out}");
+    assert_eq!(read_at(&b.dev(0), 0, 1), vec![0x5a], "the refused write changed nothing");
+    // And the text status says who it follows.
+    let text = b.d.cli_ok(&["status", "g"]);
+    assert!(text.contains("secondary") && text.contains("paris"), "{text}");
+}
+
+#[test]
+fn secondary_kill9_recovers_to_a_prefix_and_keeps_following_without_a_copy() {
+    let seed: u64 = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (WOF_SEED)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pki = pki(&["paris", "tokyo"]);
+    let (a, mut b) = pair(pki.path(), 2, "async", "timeout=2s", None);
+    let hist = Arc::new(Mutex::new(History::new(2, NBLOCKS)));
+    let cfg = WriterCfg {
+        socket: a.d.nbd.clone(),
+        exports: vec!["g-0".into(), "g-1".into()],
+        q: 8,
+        stall: Duration::from_secs(60),
+    };
+    let writer = BackgroundWriter::start(hist.clone(), cfg, rng.clone());
+    let bdevs = [b.dev(0), b.dev(1)];
+    for k in 0..4 {
+        let before = b.site_status()["received"].as_u64().unwrap_or(0);
+        assert!(
+            wait_until(Duration::from_secs(30), || b.site_status()["received"].as_u64().unwrap_or(0) > before + 50),
+            "kill {k}: the secondary receives nothing: {}",
+            b.site_status()
+        );
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
+        b.d.kill9();
+        // As the dead secondary left them: a prefix state of the primary's history.
+        let st = scan(&mut FileImages::open(&bdevs).unwrap(), NBLOCKS, 0).unwrap();
+        let h = hist.lock().unwrap().clone();
+        if let Err(e) = check_prefix(&h, &st) {
+            panic!("kill {k}: secondary devices are not a prefix state (seed {seed}): {e}");
+        }
+        b.d.restart();
+    }
+    let (res, _) = writer.stop_and_join();
+    let res = res.unwrap();
+    assert!(res.errors.is_empty() && !res.broken, "the primary's writes never failed: {res:?}");
+    wait_caught_up(&a, &b, Duration::from_secs(60));
+    assert_same(&a, &b, 2);
+    let h = hist.lock().unwrap().clone();
+    check_acked(&h, &scan(&mut FileImages::open(&bdevs).unwrap(), NBLOCKS, 0).unwrap()).unwrap();
+    assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region was copied: shipping resumed from the log");
+    assert_eq!(a.slink(1)["sync"]["ordered"], true);
+}
+
+#[test]
+fn link_cut_and_black_hole_are_absorbed_by_the_log_without_a_full_copy() {
+    require!("qemu-io");
+    let pki = pki(&["paris", "tokyo"]);
+    let b = Site::start("tokyo", pki.path());
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), b.listen).unwrap();
+    let a = Site::start("paris", pki.path());
+    b.d.create("g", &b.table(1, true, "paris", a.listen, "async", ""));
+    a.d.create("g", &a.table(1, false, "tokyo", proxy.addr(), "async", "timeout=1s"));
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 1 0 1M"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+
+    // Cut: every connection reset; writes go on, the log holds them.
+    proxy.drop_connections();
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 2 1M 1M"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 1);
+
+    // Black hole longer than the link timeout: the SLINK goes down, then heals.
+    proxy.blackhole(true);
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 3 2M 1M"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || a.slink(1)["accessible"] == false),
+        "a silent link is not found down: {}",
+        a.slink(1)
+    );
+    assert!(a.slink(1)["outstanding_ios"].as_u64().unwrap() > 0, "the log holds what the site lacks");
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 4 3M 1M"]);
+    proxy.blackhole(false);
+    wait_caught_up(&a, &b, Duration::from_secs(60));
+    assert_same(&a, &b, 1);
+    assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region copied after the outage");
+    let log = a.d.log_text();
+    assert!(log.contains("site link down"), "the outage is logged");
+}
+
+#[test]
+fn synchronous_slink_acknowledges_only_what_the_secondary_holds() {
+    require!("qemu-io");
+    let pki = pki(&["paris", "tokyo"]);
+    let (mut a, b) = pair(pki.path(), 1, "sync", "", None);
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 0x77 0 256k"]);
+    // The primary dies right after the acknowledgement: the secondary has the write.
+    a.d.kill9();
+    assert!(
+        wait_until(Duration::from_secs(20), || read_at(&b.dev(0), 0, 256 << 10).iter().all(|&x| x == 0x77)),
+        "an acknowledged synchronous write is not at the secondary: {}",
+        b.site_status()
+    );
+}
+
+#[test]
+fn peers_that_are_not_the_groups_primary_are_refused() {
+    let pki = pki(&["paris", "tokyo", "osaka"]);
+    let other_ca = pki_other();
+    let (a, b) = pair(pki.path(), 1, "async", "", None);
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 9 0 64k"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    let before = hash(&b.dev(0));
+
+    // A site the group does not name (valid certificate from the same CA).
+    let c = Site::start("osaka", pki.path());
+    c.d.create("g", &c.table(1, false, "tokyo", b.listen, "async", ""));
+    qemu_io_ok(&c.d.uri("g-0"), &["write -P 0x42 0 64k"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || b.d.log_text().contains("site 'osaka' is not a peer of group g")),
+        "refusal not logged at the secondary:\n{}",
+        b.d.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || c.slink(1)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a peer"))),
+        "the refused primary is not told why: {}",
+        c.slink(1)
+    );
+
+    // Another group of the same name: the same site names, another CA.
+    let d = Site::start("paris", other_ca.path());
+    d.d.create("g", &d.table(1, false, "tokyo", b.listen, "async", ""));
+    qemu_io_ok(&d.d.uri("g-0"), &["write -P 0x43 0 64k"]);
+    // (The stranger refuses our certificate first; each side says so in words.)
+    assert!(
+        wait_until(Duration::from_secs(20), || b.d.log_text().contains("does not trust our certificate")),
+        "another CA's peer: the refusal is not logged with its reason:\n{}",
+        b.d.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || d.slink(1)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not issued by our CA"))),
+        "the stranger's side does not say why: {}",
+        d.slink(1)
+    );
+    // Nothing reached the secondary's device; it still follows its own primary.
+    assert_eq!(hash(&b.dev(0)), before, "a refused peer wrote to the secondary's device");
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 10 64k 64k"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 1);
+
+    // A second primary of the same name with its own group (another UUID), same CA.
+    let e = Site::start("paris", pki.path());
+    e.d.create("g", &e.table(1, false, "tokyo", b.listen, "async", ""));
+    qemu_io_ok(&e.d.uri("g-0"), &["write -P 0x44 0 64k"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || b.d.log_text().contains("another group of the same name")),
+        "a group of another UUID not refused:\n{}",
+        b.d.log_text()
+    );
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 1);
+}
+
+/// A CA of its own (a stranger's), with a certificate for `paris`.
+fn pki_other() -> tempfile::TempDir {
+    pki(&["paris"])
+}
+
+#[test]
+fn garbage_on_the_site_port_does_not_hurt_the_daemon() {
+    let pki = pki(&["paris", "tokyo"]);
+    let (a, mut b) = pair(pki.path(), 1, "async", "", None);
+    // Plain bytes where a TLS handshake belongs; a truncated and an oversized "frame".
+    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0x16, 3, 1, 0xff, 0xff][..], &[0u8; 70000][..]] {
+        let mut s = std::net::TcpStream::connect(b.listen).unwrap();
+        let _ = s.write_all(junk);
+        drop(s);
+    }
+    // TLS with a valid peer certificate, then garbage frames.
+    if have("openssl") {
+        let dir = pki.path();
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect", &b.listen.to_string()])
+            .arg("-cert")
+            .arg(dir.join("paris.crt"))
+            .arg("-key")
+            .arg(dir.join("paris.key"))
+            .arg("-CAfile")
+            .arg(dir.join("ca.crt"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut frame = b"DMRS".to_vec();
+        frame.extend_from_slice(&[1, 0, 4, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
+        frame.extend_from_slice(&[0u8; 64]);
+        let _ = child.stdin.take().unwrap().write_all(&frame);
+        let _ = child.wait();
+    }
+    assert!(b.d.alive(), "the secondary daemon died");
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 5 0 64k"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 1);
+}
