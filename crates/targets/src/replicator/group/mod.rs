@@ -60,9 +60,10 @@ const MAX_BATCH_ENTRIES: usize = 4096;
 /// order because the entries of one epoch were concurrent).
 const MAX_APPLY_ENTRIES: usize = 4096;
 
-/// Most data SLINK 0 applies between two syncs of its LDs when it takes several epochs
-/// at once (their entries' data is held in memory meanwhile).
-const MAX_LD_APPLY_BYTES: u64 = 32 << 20;
+/// Most data an SLINK whose site keeps its own log takes in one apply (several epochs;
+/// the data is held in memory meanwhile): 32 MiB is a third of a second at 100 MB/s, so a
+/// WAN link stays busy between acknowledgements, and below the site protocol's 64 MiB.
+const MAX_MULTI_EPOCH_BYTES: u64 = 32 << 20;
 
 /// Memory for keeping entries' data after the append, so copiers need not read the
 /// log back. Past it, copiers read from the log.

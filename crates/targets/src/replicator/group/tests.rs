@@ -704,12 +704,13 @@ fn frozen_group_appends_nothing_until_thawed() {
     assert!(h.replies.ok(b));
 }
 
-/// SLINK 0 applies every epoch the log holds in one apply (one sync per LD), in log order
-/// so a later write of the same block wins; an RD gets one epoch per apply, each durable
-/// before the next (it must be a prefix state at every instant).
+/// An SLINK whose site keeps its own log takes every epoch the log holds in one apply,
+/// in log order (a later write of the same block wins); SLINK 0 and a local RD get one
+/// epoch per apply, each durable before the next.
 #[test]
-fn ld_takes_many_epochs_at_once_rd_one_per_apply() {
-    let mut h = Harness::new(&[0, 1], &[(1, ASYNC, Thresholds::default())], 8 << 20);
+fn a_site_with_its_own_log_takes_many_epochs_at_once_local_copies_one_per_apply() {
+    let mut h = Harness::new(&[0, 1], &[(1, ASYNC, Thresholds::default()), (2, ASYNC, Thresholds::default())], 8 << 20);
+    h.handlers[&2].pretend_keeps_log();
     // Three epochs (one group commit each); the third overwrites the first's block.
     h.write(0, 0, 1, 4096);
     h.append_all();
@@ -719,19 +720,22 @@ fn ld_takes_many_epochs_at_once_rd_one_per_apply() {
     h.append_all();
     let epochs: std::collections::BTreeSet<u64> = h.log.entries_from(1, 16).iter().map(|m| m.epoch).collect();
     assert_eq!(epochs.len(), 3, "three group commits, three epochs");
-    let Some(Io::Apply(w)) = h.copier_io(0) else { panic!("SLINK 0 has work") };
-    assert_eq!(w.entries.len(), 3, "SLINK 0 takes the three epochs together");
-    h.last_copier = 0;
+    let Some(Io::Apply(w)) = h.copier_io(2) else { panic!("SLINK 2 has work") };
+    assert_eq!(w.entries.len(), 3, "SLINK 2 takes the three epochs together");
+    h.last_copier = 2;
     h.run(Io::Apply(w));
-    assert_eq!(h.image(0, 0)[0], 3, "the later write of block 0 wins on the LD");
-    assert_eq!(h.image(0, 1)[8192], 2);
-    for expect in 1..=3 {
-        let Some(Io::Apply(w)) = h.copier_io(1) else { panic!("SLINK 1 has work") };
-        assert_eq!(w.entries.len(), 1, "SLINK 1 takes one epoch");
-        assert_eq!(w.last, expect);
-        h.last_copier = 1;
-        h.run(Io::Apply(w));
+    assert_eq!(h.image(2, 0)[0], 3, "the later write of block 0 wins");
+    assert_eq!(h.image(2, 1)[8192], 2);
+    for nr in [0, 1] {
+        for expect in 1..=3 {
+            let Some(Io::Apply(w)) = h.copier_io(nr) else { panic!("SLINK {nr} has work") };
+            assert_eq!(w.entries.len(), 1, "SLINK {nr} takes one epoch");
+            assert_eq!(w.last, expect);
+            h.last_copier = nr;
+            h.run(Io::Apply(w));
+        }
+        assert!(h.copier_io(nr).is_none());
     }
-    assert!(h.copier_io(1).is_none());
     h.assert_copy_equal(1);
+    h.assert_copy_equal(2);
 }

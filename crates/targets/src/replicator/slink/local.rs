@@ -30,6 +30,9 @@ pub struct LocalSlink {
     /// Test hook: a back-end to use instead of opening a path (fault injection).
     #[cfg(any(test, feature = "test-support"))]
     overrides: RwLock<BTreeMap<String, Arc<dyn BlockBackend>>>,
+    /// Test hook: behave like a site that keeps its own log (several epochs per apply).
+    #[cfg(any(test, feature = "test-support"))]
+    keeps_log: std::sync::atomic::AtomicBool,
 }
 
 impl LocalSlink {
@@ -41,6 +44,13 @@ impl LocalSlink {
     #[cfg(any(test, feature = "test-support"))]
     pub fn override_path(&self, path: &str, backend: Arc<dyn BlockBackend>) {
         self.overrides.write().insert(path.to_string(), backend);
+    }
+
+    /// Behave, for the group, like a site with a log of its own (tests of multi-epoch
+    /// applies without a network).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn pretend_keeps_log(&self) {
+        self.keeps_log.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The back-end [`LocalSlink::override_path`] set for `path`, if any.
@@ -147,6 +157,14 @@ impl SlinkHandler for LocalSlink {
 
     fn detach(&self, dev_nr: u32) {
         self.devs.write().remove(&dev_nr);
+    }
+
+    fn keeps_log(&self) -> bool {
+        #[cfg(any(test, feature = "test-support"))]
+        if self.keeps_log.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        false
     }
 
     fn has_device(&self, dev_nr: u32) -> bool {

@@ -90,10 +90,11 @@ pub trait SlinkHandler: Send + Sync {
     fn devices(&self) -> Vec<u32>;
 
     /// Apply entries, in the given order, and make them durable at the site before
-    /// returning. An RD's apply is one epoch: its entries were concurrent writes, so the
+    /// returning. A local apply is one epoch: its entries were concurrent writes, so the
     /// handler may reorder or parallelise them; the next epoch comes only after this one
-    /// is durable. SLINK 0 (the LDs) may be given several epochs at once, in log order:
-    /// entries that overlap must then land in the given order (a later one wins).
+    /// is durable. A handler that [keeps a log](SlinkHandler::keeps_log) may be given
+    /// several epochs at once, in log order: overlapping entries must then land in the
+    /// given order (a later one wins).
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()>;
 
     /// Whether the site keeps what it receives in a log of its own, from which it

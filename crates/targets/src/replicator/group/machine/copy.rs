@@ -47,12 +47,14 @@ impl Machine {
     /// only entries the machine has recorded, and only once their devices are attached.
     /// Entries of removed devices are skipped (SLINK 0 keeps its LDs until applied).
     ///
-    /// SLINK 0 takes several epochs at once (up to [`MAX_LD_APPLY_BYTES`]), applied in log
-    /// order and made durable by one sync per LD: the LD need not be a prefix state at a
-    /// crash, because recovery replays every entry past SLINK 0's cursor, and the cursor
-    /// moves only after the sync. An RD gets one epoch per apply: it must be a prefix
-    /// state at every instant (it may be all a disaster leaves), so each epoch is durable
-    /// before the next one starts.
+    /// An SLINK whose site keeps its own log (a remote dmrep site) takes several epochs
+    /// at once (up to [`MAX_MULTI_EPOCH_BYTES`]): that site recovers to a prefix state from
+    /// its log by itself. A local RD gets one epoch per apply: it must be a prefix state at
+    /// every instant (it may be all a disaster leaves), so each epoch is durable before the
+    /// next one starts. SLINK 0 gets one epoch per apply too, though crash replay would make
+    /// the LD whole: measured, taking many epochs per LD sync did not speed the group up
+    /// (the log's sync bounds it), and an LD faster than its RDs makes a healthy RD the
+    /// holder of a full log, which expels it (tests/busy.rs).
     pub(super) fn next_epoch(&mut self, nr: SlinkNr) -> Option<ApplyWork> {
         let rt = &self.slinks[&nr];
         let last_known = rt.outstanding.back()?.0;
@@ -76,7 +78,7 @@ impl Machine {
                 match epoch {
                     None => epoch = Some(m.epoch),
                     Some(e) if e != m.epoch => {
-                        if (nr != 0 && !rt.handler.keeps_log()) || bytes >= MAX_LD_APPLY_BYTES {
+                        if !rt.handler.keeps_log() || bytes >= MAX_MULTI_EPOCH_BYTES {
                             break 'scan;
                         }
                         epoch = Some(m.epoch);
