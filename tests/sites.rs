@@ -141,7 +141,9 @@ fn wait_caught_up(a: &Site, b: &Site, timeout: Duration) {
     let ok = wait_until(timeout, || {
         let s = a.slink(1);
         let last = a.status()["log"]["next_seq"].as_u64().unwrap() - 1;
-        s["outstanding_ios"] == 0 && b.site_status()["applied"].as_u64() == Some(last) && {
+        // (Every SLINK of the primary: its own LD files are compared too.)
+        let all_applied = a.status()["slinks"].as_array().unwrap().iter().all(|s| s["outstanding_ios"] == 0);
+        all_applied && s["sync"]["ordered"] == true && b.site_status()["applied"].as_u64() == Some(last) && {
             let l = b.site_status();
             l["lag_entries"] == 0
         }
@@ -156,7 +158,25 @@ fn wait_caught_up(a: &Site, b: &Site, timeout: Duration) {
 
 fn assert_same(a: &Site, b: &Site, ndev: u32) {
     for n in 0..ndev {
-        assert_eq!(hash(&a.dev(n)), hash(&b.dev(n)), "device {n} differs between {} and {}", a.name, b.name);
+        let (x, y) = (std::fs::read(a.dev(n)).unwrap(), std::fs::read(b.dev(n)).unwrap());
+        if x != y {
+            let blocks: Vec<usize> =
+                (0..x.len() / 4096).filter(|i| x[i * 4096..(i + 1) * 4096] != y[i * 4096..(i + 1) * 4096]).collect();
+            let first = blocks[0];
+            panic!(
+                "device {n} differs between {} and {}: {} blocks of 4 KiB, first {:?}; block {first}: {:02x?} vs {:02x?}\n{} status: {}\n{} status: {}",
+                a.name,
+                b.name,
+                blocks.len(),
+                &blocks[..blocks.len().min(10)],
+                &x[first * 4096..first * 4096 + 24],
+                &y[first * 4096..first * 4096 + 24],
+                a.name,
+                a.status(),
+                b.name,
+                b.status()
+            );
+        }
     }
 }
 
@@ -187,6 +207,10 @@ fn secondary_follows_its_primary_and_refuses_writes() {
     assert!(!s["group_uuid"].as_str().unwrap().is_empty(), "bound to the primary's group: {s}");
     assert_eq!(a.site_status()["group_uuid"], s["group_uuid"]);
     // The compressed link shipped fewer bytes than it carried (patterned data).
+    let link = a.slink(1)["link"].clone();
+    let (raw, wire) = (link["bytes_raw"].as_u64().unwrap(), link["bytes_wire"].as_u64().unwrap());
+    assert!(raw >= 4 << 20 && wire < raw, "lz4 on patterned data: {link}");
+    assert_eq!(link["connected"], true, "{link}");
     assert_eq!(a.slink(1)["accessible"], true);
     assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region copied");
 
@@ -398,4 +422,126 @@ fn garbage_on_the_site_port_does_not_hurt_the_daemon() {
     qemu_io_ok(&a.d.uri("g-0"), &["write -P 5 0 64k"]);
     wait_caught_up(&a, &b, Duration::from_secs(30));
     assert_same(&a, &b, 1);
+}
+
+#[test]
+fn initial_copy_then_an_outage_beyond_the_log_copies_only_dirty_regions() {
+    require!("qemu-io");
+    let pki = pki(&["paris", "tokyo"]);
+    let b = Site::start("tokyo", pki.path());
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), b.listen).unwrap();
+    let a = Site::start("paris", pki.path());
+    // The primary's device holds data before the group exists: a `sync` dirty log means
+    // an initial copy of every region.
+    let data = random_bytes((DEV_SECTORS * 512) as usize);
+    a.d.make_file("dev0", DEV_SECTORS * 512);
+    std::fs::write(a.dev(0), &data).unwrap();
+    b.d.create("g", &b.table(1, true, "paris", a.listen, "async", ""));
+    // A 4 MiB log: an outage of a few MiB of writes overflows it.
+    let t = a.table(1, false, "tokyo", proxy.addr(), "async", "timeout=1s");
+    let t = t.replace("auto 65536", "auto 8192").replace("core 2 2048 nosync", "core 2 128 sync");
+    a.d.create("g", &t);
+    wait_caught_up(&a, &b, Duration::from_secs(60));
+    let s = a.slink(1);
+    assert_eq!(s["sync"]["ordered"], true, "{s}");
+    assert_eq!(s["sync"]["bytes_copied"].as_u64(), Some(DEV_SECTORS * 512), "initial copy of every region: {s}");
+    assert_same(&a, &b, 1);
+
+    // An outage longer than the log holds: the SLINK leaves ordered mode (dirty regions).
+    proxy.blackhole(true);
+    for i in 0..6u64 {
+        // 1 MiB at 0, 4 MiB, 8 MiB, ... (64 KiB regions): 6 MiB, 96 regions dirty.
+        qemu_io_ok(&a.d.uri("g-0"), &[&format!("write -P {} {}M 1M", 0x30 + i, i * 4)]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || a.slink(1)["sync"]["ordered"] == false),
+        "the log overflowed but the SLINK stayed ordered: {}",
+        a.slink(1)
+    );
+    proxy.blackhole(false);
+    wait_caught_up(&a, &b, Duration::from_secs(60));
+    assert!(wait_until(Duration::from_secs(30), || a.slink(1)["sync"]["ordered"] == true), "{}", a.slink(1));
+    let s = a.slink(1);
+    let copied = s["sync"]["bytes_copied"].as_u64().unwrap();
+    assert!(
+        copied <= 6 << 20,
+        "after the outage only the written regions are copied (at most 6 MiB), copied {copied}: {s}"
+    );
+    assert!(copied > 0, "{s}");
+    assert_same(&a, &b, 1);
+    // And ordered shipping goes on after the rejoin.
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 0x7e 100k 4k"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 1);
+}
+
+#[test]
+fn two_remote_sites_each_at_its_own_pace() {
+    require!("qemu-io");
+    let pki = pki(&["paris", "tokyo", "osaka"]);
+    let b = Site::start("tokyo", pki.path());
+    let c = Site::start("osaka", pki.path());
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), c.listen).unwrap();
+    let a = Site::start("paris", pki.path());
+    b.d.create("g", &b.table(1, true, "paris", a.listen, "async", ""));
+    c.d.create("g", &c.table(1, true, "paris", a.listen, "async", ""));
+    // SLINK 1 synchronous to tokyo, SLINK 2 asynchronous to osaka (through the proxy).
+    let t = a.table(1, false, "tokyo", b.listen, "sync", "");
+    let osaka = format!(" net 5 2 async {} site=osaka timeout=1s 2 0 0 core 2 2048 nosync", proxy.addr());
+    a.d.create("g", &(t + &osaka));
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 1 0 1M"]);
+    assert!(wait_until(Duration::from_secs(30), || a.slink(2)["outstanding_ios"] == 0));
+    // osaka goes silent: writes go on at tokyo's pace, osaka's share waits in the log.
+    proxy.blackhole(true);
+    for i in 0..8 {
+        qemu_io_ok(&a.d.uri("g-0"), &[&format!("write -P {} {}k 64k", 2 + i, 1024 + i * 64)]);
+    }
+    assert_eq!(a.slink(1)["outstanding_ios"], 0, "the synchronous site has every acknowledged write");
+    assert_eq!(read_at(&b.dev(0), 1024 << 10, 1), vec![2]);
+    assert!(a.slink(2)["outstanding_ios"].as_u64().unwrap() > 0, "osaka lags: {}", a.slink(2));
+    proxy.blackhole(false);
+    assert!(
+        wait_until(Duration::from_secs(60), || a.slink(2)["outstanding_ios"] == 0),
+        "osaka never caught up: {}",
+        a.slink(2)
+    );
+    assert!(wait_until(Duration::from_secs(30), || c.site_status()["lag_entries"] == 0));
+    assert_eq!(hash(&a.dev(0)), hash(&b.dev(0)));
+    assert_eq!(hash(&a.dev(0)), hash(&c.dev(0)));
+    assert_eq!(a.slink(2)["sync"]["bytes_copied"], 0);
+}
+
+#[test]
+fn primary_kill9_recovers_its_log_and_ships_the_rest() {
+    let seed: u64 = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (WOF_SEED)");
+    let rng = StdRng::seed_from_u64(seed);
+    let pki = pki(&["paris", "tokyo"]);
+    let (mut a, b) = pair(pki.path(), 2, "async", "timeout=2s", None);
+    let hist = Arc::new(Mutex::new(History::new(2, NBLOCKS)));
+    let cfg = WriterCfg {
+        socket: a.d.nbd.clone(),
+        exports: vec!["g-0".into(), "g-1".into()],
+        q: 8,
+        stall: Duration::from_secs(60),
+    };
+    let writer = BackgroundWriter::start(hist.clone(), cfg, rng);
+    assert!(wait_until(Duration::from_secs(30), || b.site_status()["received"].as_u64().unwrap_or(0) > 300));
+    a.d.kill9();
+    let (res, _) = writer.join();
+    assert!(res.unwrap().broken, "the writer saw the kill");
+    // The secondary, whatever it has, is a prefix state of what the primary was sent
+    // (once it has applied what it received: its files are read, not its exports).
+    assert!(wait_until(Duration::from_secs(30), || {
+        let s = b.site_status();
+        s["applied"] == s["received"]
+    }));
+    let bdevs = [b.dev(0), b.dev(1)];
+    let h = hist.lock().unwrap().clone();
+    check_prefix(&h, &scan(&mut FileImages::open(&bdevs).unwrap(), NBLOCKS, 0).unwrap()).unwrap();
+    a.d.restart();
+    wait_caught_up(&a, &b, Duration::from_secs(60));
+    assert_same(&a, &b, 2);
+    check_acked(&h, &scan(&mut FileImages::open(&bdevs).unwrap(), NBLOCKS, 0).unwrap()).unwrap();
+    assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region copied after the primary's restart");
 }

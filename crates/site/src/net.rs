@@ -448,13 +448,26 @@ impl SlinkHandler for NetSlink {
     }
 
     fn describe(&self) -> String {
-        let up = self.conn.lock().is_some();
+        // Never wait for the connection here: status reads this under the group's lock
+        // while an exchange may hold the connection for up to the link timeout.
+        let up = self.conn.try_lock().map_or(true, |c| c.is_some());
         format!(
             "site {} at {} ({})",
             self.params.site,
             self.params.addr,
             if up { "connected" } else { "not connected" }
         )
+    }
+
+    fn link_status(&self) -> Option<serde_json::Value> {
+        let connected = self.conn.try_lock().map_or(true, |c| c.is_some());
+        let mut v = serde_json::to_value(self.stats()).ok()?;
+        v["connected"] = connected.into();
+        v["site"] = self.params.site.clone().into();
+        v["addr"] = self.params.addr.clone().into();
+        v["compress"] = self.params.compress.name().into();
+        v["rate_limit"] = self.params.rate.into();
+        Some(v)
     }
 
     fn device_path(&self, dev_nr: u32) -> Option<String> {

@@ -532,6 +532,9 @@ pub struct SlinkStatus {
     pub applies: u64,
     pub apply_us: u64,
     pub cursor_us: u64,
+    /// The transport's own view (a network link: connected, bytes raw and on the wire,
+    /// reconnects, round trip, last error).
+    pub link: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Serialize)]

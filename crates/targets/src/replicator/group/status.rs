@@ -100,6 +100,7 @@ impl Group {
                     applies: rt.applies,
                     apply_us: rt.apply_us,
                     cursor_us: rt.cursor_us,
+                    link: rt.handler.link_status(),
                 }
             })
             .collect();

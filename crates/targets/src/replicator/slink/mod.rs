@@ -132,6 +132,11 @@ pub trait SlinkHandler: Send + Sync {
     /// every attached device's first sector.
     fn probe(&self) -> io::Result<()>;
 
+    /// The transport's own status (shown under the SLINK's `link`); none by default.
+    fn link_status(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Human-readable description of where the site's devices are.
     fn describe(&self) -> String;
 

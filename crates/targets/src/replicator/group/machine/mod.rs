@@ -37,7 +37,8 @@ use tracing::{info, warn};
 
 use super::error::{errno, DevNr, GroupError, Seq, SlinkNr};
 use super::{
-    Chunk, SlinkSetup, Stats, CACHE_BUDGET, MAX_APPLY_ENTRIES, MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_MULTI_EPOCH_BYTES,
+    Chunk, SlinkSetup, Stats, CACHE_BUDGET, MAX_APPLY_ENTRIES, MAX_BATCH_BYTES, MAX_BATCH_ENTRIES,
+    MAX_MULTI_EPOCH_BYTES,
 };
 use super::{MAX_ENTRY_DATA, PROBE_MAX, PROBE_MIN};
 use crate::replicator::dirty::{region_span, DirtyLog};
