@@ -450,7 +450,7 @@ impl SlinkHandler for NetSlink {
     fn describe(&self) -> String {
         // Never wait for the connection here: status reads this under the group's lock
         // while an exchange may hold the connection for up to the link timeout.
-        let up = self.conn.try_lock().map_or(true, |c| c.is_some());
+        let up = self.conn.try_lock().is_none_or(|c| c.is_some());
         format!(
             "site {} at {} ({})",
             self.params.site,
@@ -460,7 +460,7 @@ impl SlinkHandler for NetSlink {
     }
 
     fn link_status(&self) -> Option<serde_json::Value> {
-        let connected = self.conn.try_lock().map_or(true, |c| c.is_some());
+        let connected = self.conn.try_lock().is_none_or(|c| c.is_some());
         let mut v = serde_json::to_value(self.stats()).ok()?;
         v["connected"] = connected.into();
         v["site"] = self.params.site.clone().into();
