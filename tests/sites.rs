@@ -214,7 +214,11 @@ fn secondary_follows_its_primary_and_refuses_writes() {
     assert_eq!(a.slink(1)["accessible"], true);
     assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region copied");
 
-    // The secondary's exports take no writes from clients.
+    // The secondary's exports are read-only (NBD says so) and take no writes.
+    if have("nbdinfo") {
+        let info = run_ok(Command::new("nbdinfo").arg("--json").arg(b.d.uri("g-0")));
+        assert!(info.contains("\"is_read_only\": true"), "{info}");
+    }
     let o = qemu_io(&b.d.uri("g-0"), &["write -P 0x66 0 4k"]);
     let out = show(&o);
     assert!(!o.status.success() || out.contains("failed"), "a write at the secondary must fail: {out}");
@@ -651,4 +655,19 @@ fn a_flapping_link_loses_nothing_leaks_nothing_and_converges() {
         "secondary leaks: {fds0:?} -> {:?}",
         resources(b.d.pid())
     );
+}
+
+#[test]
+fn a_rate_capped_link_ships_no_faster_than_its_cap() {
+    require!("qemu-io");
+    let pki = pki(&["paris", "tokyo"]);
+    let (a, b) = pair(pki.path(), 1, "async", "rate=1m", None);
+    let t0 = std::time::Instant::now();
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 6 0 4M"]);
+    wait_caught_up(&a, &b, Duration::from_secs(60));
+    let took = t0.elapsed();
+    // 4 MiB at 1 MiB/s, less the first burst (64 KiB): at least ~3.9 s.
+    assert!(took >= Duration::from_millis(3500), "4 MiB crossed a 1 MiB/s link in {took:?}");
+    assert_same(&a, &b, 1);
+    assert_eq!(a.slink(1)["link"]["rate_limit"], 1 << 20);
 }

@@ -253,6 +253,12 @@ impl MappedDevice {
         self.read_only.load(Ordering::SeqCst)
     }
 
+    /// Whether the device is exported read-only: set so (`--readonly`), or a target of
+    /// its active table takes no writes now (a secondary site's device).
+    pub fn export_read_only(&self) -> bool {
+        self.read_only() || self.live.read().as_ref().is_some_and(|t| t.segments.iter().any(|s| s.target.read_only()))
+    }
+
     pub fn set_read_only(&self, read_only: bool) {
         self.read_only.store(read_only, Ordering::SeqCst);
     }

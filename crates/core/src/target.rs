@@ -189,6 +189,12 @@ pub trait Target: Send + Sync {
         true
     }
 
+    /// Whether the segment takes no writes from applications now (a secondary site's
+    /// replicated device); the device is then exported read-only. Default: false.
+    fn read_only(&self) -> bool {
+        false
+    }
+
     /// Current status.
     fn status(&self) -> TargetStatus {
         TargetStatus::default()

@@ -129,7 +129,7 @@ pub(crate) fn negotiate(
                 let Some(dev) = lookup(devices, &name).filter(|d| d.holds_data()) else {
                     return Err(HandshakeError::UnknownExport(name));
                 };
-                ExportNameReply { size: dev.size(), flags: transmission_flags(structured, dev.read_only()) }
+                ExportNameReply { size: dev.size(), flags: transmission_flags(structured, dev.export_read_only()) }
                     .encode(flags.no_zeroes(), &mut out);
                 sock.send_all(&[&out])?;
                 return Ok(Some(Negotiated { open: dev.open(), device: dev, structured, export: name }));
@@ -221,8 +221,11 @@ fn info_replies(
     structured: bool,
     limits: &Limits,
 ) {
-    OptionReply::Info(InfoReply::Export { size: dev.size(), flags: transmission_flags(structured, dev.read_only()) })
-        .encode(option, out);
+    OptionReply::Info(InfoReply::Export {
+        size: dev.size(),
+        flags: transmission_flags(structured, dev.export_read_only()),
+    })
+    .encode(option, out);
     let mut sent = [false; 4];
     for &info in &req.infos {
         let reply = match info {

@@ -82,6 +82,10 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
 }
 
 impl Target for ReplicatorDev {
+    fn read_only(&self) -> bool {
+        self.group.site().role == dmrep_formats::replog::SiteRole::Secondary
+    }
+
     fn type_name(&self) -> &'static str {
         TD
     }
