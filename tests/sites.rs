@@ -306,6 +306,19 @@ fn link_cut_and_black_hole_are_absorbed_by_the_log_without_a_full_copy() {
     assert_eq!(a.slink(1)["sync"]["bytes_copied"], 0, "no region copied after the outage");
     let log = a.d.log_text();
     assert!(log.contains("site link down"), "the outage is logged");
+
+    // An idle link that goes silent is found down by its heartbeat, without a write.
+    proxy.blackhole(true);
+    assert!(
+        wait_until(Duration::from_secs(20), || a.slink(1)["accessible"] == false),
+        "an idle silent link is not found down: {}",
+        a.slink(1)
+    );
+    proxy.blackhole(false);
+    assert!(wait_until(Duration::from_secs(30), || a.slink(1)["accessible"] == true), "{}", a.slink(1));
+    qemu_io_ok(&a.d.uri("g-0"), &["write -P 5 4M 64k"]);
+    wait_caught_up(&a, &b, Duration::from_secs(30));
+    assert_same(&a, &b, 1);
 }
 
 #[test]

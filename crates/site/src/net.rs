@@ -459,6 +459,16 @@ impl SlinkHandler for NetSlink {
         )
     }
 
+    fn known_down(&self) -> Option<String> {
+        // (Busy: an exchange is under way, the link is in use.)
+        let slot = self.conn.try_lock()?;
+        if slot.is_some() {
+            return None;
+        }
+        let why = self.stats.lock().last_error.clone()?;
+        Some(why)
+    }
+
     fn link_status(&self) -> Option<serde_json::Value> {
         let connected = self.conn.try_lock().is_none_or(|c| c.is_some());
         let mut v = serde_json::to_value(self.stats()).ok()?;

@@ -132,6 +132,13 @@ pub trait SlinkHandler: Send + Sync {
     /// every attached device's first sector.
     fn probe(&self) -> io::Result<()>;
 
+    /// Why the transport knows the site is unreachable now, without being asked to do
+    /// anything (a network link found dead by its heartbeat). Checked every tick, so an
+    /// idle SLINK shows down as soon as its link is. Default: never.
+    fn known_down(&self) -> Option<String> {
+        None
+    }
+
     /// The transport's own status (shown under the SLINK's `link`); none by default.
     fn link_status(&self) -> Option<serde_json::Value> {
         None

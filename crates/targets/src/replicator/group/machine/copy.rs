@@ -14,6 +14,11 @@ impl Machine {
         // Time-based mode changes (a dwell ending, a `timeout` threshold) are seen here,
         // at least every tick, so status shows the mode in force even when idle.
         rt.update_mode(name, nr, now);
+        if rt.link.accessible {
+            if let Some(why) = rt.handler.known_down() {
+                self.went_down(now, nr, "the link", &io::Error::new(io::ErrorKind::NotConnected, why));
+            }
+        }
         let rt = &self.slinks[&nr];
         if rt.leaving {
             return Effects::default();
