@@ -684,3 +684,18 @@ fn a_rate_capped_link_ships_no_faster_than_its_cap() {
     assert_same(&a, &b, 1);
     assert_eq!(a.slink(1)["link"]["rate_limit"], 1 << 20);
 }
+
+#[test]
+fn a_wrong_address_shows_before_the_first_write() {
+    let pki = pki(&["paris", "tokyo"]);
+    let a = Site::start("paris", pki.path());
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    a.d.create("g", &a.table(1, false, "tokyo", nowhere, "async", "timeout=1s"));
+    assert!(
+        wait_until(Duration::from_secs(20), || a.slink(1)["accessible"] == false
+            && a.slink(1)["last_error"].as_str().is_some_and(|e| e.contains("cannot connect"))),
+        "a net SLINK to nowhere looks healthy: {}",
+        a.slink(1)
+    );
+    assert!(a.d.cli_ok(&["status", "g"]).contains("1:A,0,0,0ms,down"), "{}", a.d.cli_ok(&["status", "g"]));
+}

@@ -102,6 +102,11 @@ struct Conn {
     r: TlsReader,
     /// What the secondary has durably received (its acks).
     received: u64,
+    /// Batches sent and not yet acknowledged: the last seq they carry, the group's last
+    /// seq for them (entries not for this site may follow), when they were sent.
+    pending: std::collections::VecDeque<(u64, u64, Instant)>,
+    /// The group's seq up to which everything shipped is acknowledged.
+    durable: u64,
     compression: Compression,
     last_used: Instant,
 }
@@ -207,18 +212,19 @@ impl NetSlink {
         self.stats.lock().connects += 1;
         tracing::info!(group = %self.group, slink = self.slink, peer = %self.params.site, addr = %self.params.addr,
             received = welcome.received, applied = welcome.applied, ?compression, "site link up");
-        Ok(Conn { w, r, received: welcome.received, compression, last_used: Instant::now() })
+        Ok(Conn {
+            w,
+            r,
+            received: welcome.received,
+            pending: Default::default(),
+            durable: 0,
+            compression,
+            last_used: Instant::now(),
+        })
     }
 
-    /// Send `msg` and read until `done` says the answer came. The connection is dropped
-    /// on any failure (the group probes to reconnect).
-    fn exchange(
-        &self,
-        slot: &mut Option<Conn>,
-        msg: &Message,
-        raw: u64,
-        mut done: impl FnMut(&mut Conn, &Message) -> io::Result<bool>,
-    ) -> io::Result<()> {
+    /// Send `msg` (rate-capped); bytes counted. Errors drop the connection.
+    fn send(&self, slot: &mut Option<Conn>, msg: &Message, raw: u64) -> io::Result<()> {
         let Some(c) = slot.as_mut() else {
             return Err(io::Error::new(io::ErrorKind::NotConnected, format!("not connected to {}", self.who())));
         };
@@ -228,45 +234,77 @@ impl NetSlink {
             let wait = b.lock().take(wire);
             std::thread::sleep(wait);
         }
-        let t0 = Instant::now();
-        let result = (|| {
-            c.w.send(frame)?;
-            loop {
-                match frames::read(&mut c.r) {
-                    Ok((m, _)) => {
-                        if let Message::Goodbye(g) = &m {
-                            return Err(other(format!("{} closed the link: {}", self.who(), g.reason)));
-                        }
-                        if done(c, &m)? {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) if e.timed_out() => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("{} answered nothing for {:?}", self.who(), self.timeout()),
-                        ))
-                    }
-                    Err(e) => return Err(other(format!("{}: {e}", self.who()))),
-                }
-            }
-        })();
-        match result {
+        match c.w.send(frame) {
             Ok(()) => {
                 c.last_used = Instant::now();
                 let mut s = self.stats.lock();
                 s.bytes_raw += raw;
                 s.bytes_wire += wire;
-                s.last_rtt_us = t0.elapsed().as_micros() as u64;
                 Ok(())
             }
-            Err(e) => {
-                tracing::warn!(group = %self.group, slink = self.slink, "site link down: {e}");
-                self.stats.lock().last_error = Some(e.to_string());
-                *slot = None;
-                Err(e)
-            }
+            Err(e) => Err(self.lost(slot, other(format!("{}: {e}", self.who())))),
         }
+    }
+
+    /// Read frames until `done` says the awaited one came. Acknowledgements of batches
+    /// in flight are taken into account whatever is awaited. Errors drop the connection.
+    fn read_until(&self, slot: &mut Option<Conn>, mut done: impl FnMut(&mut Conn, &Message) -> bool) -> io::Result<()> {
+        let Some(c) = slot.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, format!("not connected to {}", self.who())));
+        };
+        let result = loop {
+            match frames::read(&mut c.r) {
+                Ok((m, _)) => {
+                    if let Message::Goodbye(g) = &m {
+                        break Err(other(format!("{} closed the link: {}", self.who(), g.reason)));
+                    }
+                    if let Message::Ack(a) = &m {
+                        c.received = c.received.max(a.received);
+                        while let Some(&(last, upto, t0)) = c.pending.front() {
+                            if last > c.received {
+                                break;
+                            }
+                            c.pending.pop_front();
+                            c.durable = c.durable.max(upto);
+                            self.stats.lock().last_rtt_us = t0.elapsed().as_micros() as u64;
+                        }
+                    }
+                    if done(c, &m) {
+                        c.last_used = Instant::now();
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.timed_out() => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{} answered nothing for {:?}", self.who(), self.timeout()),
+                    ))
+                }
+                Err(e) => break Err(other(format!("{}: {e}", self.who()))),
+            }
+        };
+        result.map_err(|e| self.lost(slot, e))
+    }
+
+    /// The connection is lost: say so, drop it (batches in flight with it: the group
+    /// ships again from what the site acknowledged).
+    fn lost(&self, slot: &mut Option<Conn>, e: io::Error) -> io::Error {
+        tracing::warn!(group = %self.group, slink = self.slink, "site link down: {e}");
+        self.stats.lock().last_error = Some(e.to_string());
+        *slot = None;
+        e
+    }
+
+    /// Send `msg` and read until `done` says the answer came.
+    fn exchange(
+        &self,
+        slot: &mut Option<Conn>,
+        msg: &Message,
+        raw: u64,
+        done: impl FnMut(&mut Conn, &Message) -> bool,
+    ) -> io::Result<()> {
+        self.send(slot, msg, raw)?;
+        self.read_until(slot, done)
     }
 
     /// Connect if not connected (a new link, or one the group is about to use after
@@ -322,7 +360,7 @@ fn heartbeats(link: Weak<NetSlink>) {
         let last = l.log.stats().next_seq.saturating_sub(1);
         let durable = l.log.cursor(l.slink).unwrap_or(0);
         let hb = Message::Heartbeat(Heartbeat { time_us: now_us, last_seq: last, durable });
-        let _ = l.exchange(&mut slot, &hb, 0, |_, m| Ok(matches!(m, Message::Heartbeat(_))));
+        let _ = l.exchange(&mut slot, &hb, 0, |_, m| matches!(m, Message::Heartbeat(_)));
     }
 }
 
@@ -377,65 +415,88 @@ impl SlinkHandler for NetSlink {
     }
 
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
+        let last = entries.last().map_or(0, |e| e.seq);
+        self.ship(entries, last)?;
+        self.collect().map(|_| ())
+    }
+
+    /// Send the batch; then, with two batches in flight, wait for the older one's
+    /// acknowledgement (the link carries one batch while the other is acknowledged).
+    fn ship(&self, entries: &[ApplyEntry<'_>], last: u64) -> io::Result<u64> {
         let mut slot = self.conn.lock();
         self.ensure(&mut slot)?;
         let received = slot.as_ref().map_or(0, |c| c.received);
         let fresh: Vec<&ApplyEntry<'_>> = entries.iter().filter(|e| e.seq > received).collect();
-        let Some(last) = fresh.last().map(|e| e.seq) else {
-            // The secondary had them all already (an ack lost before a reconnect).
-            return if slot.is_some() {
-                Ok(())
-            } else {
-                Err(io::Error::new(io::ErrorKind::NotConnected, format!("not connected to {}", self.who())))
-            };
-        };
-        let batch = EntryBatch {
-            entries: fresh
-                .iter()
-                .map(|e| WireEntry {
-                    seq: e.seq,
-                    epoch: e.epoch,
-                    origin_time_us: e.time_us,
-                    offset: e.offset,
-                    dev_nr: e.dev_nr,
-                    kind: wire_kind(e.kind),
-                    len: e.len,
-                    data: e.data.to_vec(),
-                })
-                .collect(),
-        };
-        let raw: u64 = fresh.iter().map(|e| e.data.len() as u64).sum();
-        self.exchange(&mut slot, &Message::Entries(batch), raw, |c, m| {
-            Ok(match m {
-                Message::Ack(a) => {
-                    c.received = c.received.max(a.received);
-                    a.received >= last
+        match fresh.last().map(|e| e.seq) {
+            None => {
+                // The secondary had them all already (an ack lost before a reconnect):
+                // durable once the batches before them are.
+                let c = slot.as_mut().expect("connected");
+                if c.pending.is_empty() {
+                    c.durable = c.durable.max(last);
+                } else {
+                    c.pending.push_back((received, last, Instant::now()));
                 }
-                _ => false,
-            })
-        })
+            }
+            Some(fresh_last) => {
+                let batch = EntryBatch {
+                    entries: fresh
+                        .iter()
+                        .map(|e| WireEntry {
+                            seq: e.seq,
+                            epoch: e.epoch,
+                            origin_time_us: e.time_us,
+                            offset: e.offset,
+                            dev_nr: e.dev_nr,
+                            kind: wire_kind(e.kind),
+                            len: e.len,
+                            data: e.data.to_vec(),
+                        })
+                        .collect(),
+                };
+                let raw: u64 = fresh.iter().map(|e| e.data.len() as u64).sum();
+                self.send(&mut slot, &Message::Entries(batch), raw)?;
+                slot.as_mut().expect("connected").pending.push_back((fresh_last, last, Instant::now()));
+            }
+        }
+        if slot.as_ref().is_some_and(|c| c.pending.len() > 1) {
+            self.read_until(&mut slot, |c, _| c.pending.len() <= 1)?;
+        }
+        Ok(slot.as_ref().map_or(0, |c| c.durable))
+    }
+
+    fn collect(&self) -> io::Result<u64> {
+        let mut slot = self.conn.lock();
+        if slot.as_ref().is_some_and(|c| !c.pending.is_empty()) {
+            self.read_until(&mut slot, |c, _| c.pending.is_empty())?;
+        }
+        match slot.as_ref() {
+            Some(c) => Ok(c.durable),
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, format!("not connected to {}", self.who()))),
+        }
     }
 
     fn copy_region(&self, dev_nr: u32, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut slot = self.conn.lock();
         self.ensure(&mut slot)?;
         let msg = Message::ResyncData(ResyncData { dev_nr, offset, data: data.to_vec() });
-        self.exchange(&mut slot, &msg, data.len() as u64, |_, m| {
-            Ok(matches!(m, Message::ResyncAck(a) if a.dev_nr == dev_nr && a.offset == offset))
-        })
+        self.exchange(
+            &mut slot,
+            &msg,
+            data.len() as u64,
+            |_, m| matches!(m, Message::ResyncAck(a) if a.dev_nr == dev_nr && a.offset == offset),
+        )
     }
 
     fn rejoined(&self, seq: u64) -> io::Result<()> {
         let mut slot = self.conn.lock();
         self.ensure(&mut slot)?;
         self.exchange(&mut slot, &Message::Rejoin(Rejoin { seq }), 0, |c, m| {
-            Ok(match m {
-                Message::Ack(a) if a.received >= seq => {
-                    c.received = a.received;
-                    true
-                }
-                _ => false,
-            })
+            let done = matches!(m, Message::Ack(a) if a.received >= seq);
+            if done {
+                c.durable = c.durable.max(seq);
+            }
+            done
         })
     }
 
@@ -465,8 +526,14 @@ impl SlinkHandler for NetSlink {
         if slot.is_some() {
             return None;
         }
-        let why = self.stats.lock().last_error.clone()?;
-        Some(why)
+        // A link never tried yet counts as down too: the group probes it (connects) at
+        // once, so a wrong address or certificate shows before the first write needs it.
+        let s = self.stats.lock();
+        match &s.last_error {
+            Some(why) => Some(why.clone()),
+            None if s.connects == 0 => Some(format!("not connected to {} yet", self.who())),
+            None => None,
+        }
     }
 
     fn link_status(&self) -> Option<serde_json::Value> {

@@ -217,6 +217,7 @@ impl Harness {
                     })
                     .collect();
                 let result = if entries.is_empty() { Ok(()) } else { h.apply(&entries) };
+                let result = result.map(|()| w.last);
                 Event::Applied { slink: w.slink, era: w.era, last: w.last, took: Duration::ZERO, result }
             }
             Io::Resync(w) => {
@@ -237,6 +238,7 @@ impl Harness {
                 Event::Resynced { work: w, result }
             }
             Io::Probe { slink } => Event::Probed { slink, result: self.handlers[&slink].probe() },
+            Io::Collect { .. } => unreachable!("local handlers keep nothing in flight"),
         }
     }
 

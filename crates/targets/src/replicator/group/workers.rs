@@ -109,7 +109,9 @@ pub(super) fn appender(inner: Arc<Inner>) {
                     Err(error) => Event::RejoinFailed { slink, error },
                 }
             }
-            Io::Apply(_) | Io::Resync(_) | Io::Probe { .. } => unreachable!("copier work handed to the appender"),
+            Io::Apply(_) | Io::Collect { .. } | Io::Resync(_) | Io::Probe { .. } => {
+                unreachable!("copier work handed to the appender")
+            }
         };
         next = inner.event(ev).0;
     }
@@ -140,6 +142,11 @@ fn copier(inner: Arc<Inner>, nr: SlinkNr) {
         let mut pause = None;
         let ev = match io {
             Io::Apply(w) => apply(&inner, &*handler, w),
+            Io::Collect { slink, era, last } => {
+                let t0 = Instant::now();
+                let result = handler.collect();
+                Event::Applied { slink, era, last, took: t0.elapsed(), result }
+            }
             Io::Resync(w) => {
                 let result = copy_region(&inner, &*handler, &w);
                 if let Some(rate) = w.rate_limit.filter(|r| *r > 0) {
@@ -204,7 +211,7 @@ fn apply(inner: &Inner, handler: &dyn SlinkHandler, w: ApplyWork) -> Event {
         })
         .collect();
     let t0 = Instant::now();
-    let result = if entries.is_empty() { Ok(()) } else { handler.apply(&entries) };
+    let result = if entries.is_empty() { Ok(w.last) } else { handler.ship(&entries, w.last) };
     Event::Applied { slink: w.slink, era: w.era, last: w.last, took: t0.elapsed(), result }
 }
 

@@ -104,6 +104,21 @@ pub trait SlinkHandler: Send + Sync {
         false
     }
 
+    /// Send entries to the site (`last`: the group's seq they end at) and say up to which
+    /// of the group's seqs everything shipped so far is durable there. A site that keeps
+    /// its own log may keep a batch in flight (pipelining: the link carries one batch
+    /// while the previous one is acknowledged); the group then asks [`SlinkHandler::collect`]
+    /// when it has nothing more to send. Default: [`SlinkHandler::apply`], all durable.
+    fn ship(&self, entries: &[ApplyEntry<'_>], last: u64) -> io::Result<u64> {
+        self.apply(entries).map(|()| last)
+    }
+
+    /// Wait until everything shipped is durable at the site; up to which of the group's
+    /// seqs it is. Only called after a [`SlinkHandler::ship`] left a batch in flight.
+    fn collect(&self) -> io::Result<u64> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this transport keeps nothing in flight"))
+    }
+
     /// Copy `data` to device `dev_nr` at `offset`, durably, outside write order (resync
     /// and initial copy). Default: one apply.
     fn copy_region(&self, dev_nr: u32, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -36,8 +36,24 @@ impl Machine {
             }
             return self.next_region(now, nr);
         }
-        if rt.outstanding.is_empty() || rt.shipped > rt.durable {
+        if rt.outstanding.is_empty() {
             return Effects::default();
+        }
+        if rt.shipped > rt.durable {
+            // A pipelining SLINK with a batch in flight: the next batch if there is one
+            // (the handler waits for the older one's acknowledgement meanwhile), else
+            // wait for what is in flight.
+            if !rt.handler.keeps_log() {
+                return Effects::default();
+            }
+            let (era, shipped) = (rt.era, rt.shipped);
+            return match self.next_epoch(nr) {
+                Some(w) => {
+                    self.slinks.get_mut(&nr).expect("slink").shipped = w.last;
+                    Effects::io(Io::Apply(w))
+                }
+                None => Effects::io(Io::Collect { slink: nr, era, last: shipped }),
+            };
         }
         match self.next_epoch(nr) {
             Some(w) => {
@@ -121,7 +137,7 @@ impl Machine {
         era: u64,
         last: Seq,
         took: Duration,
-        result: io::Result<()>,
+        result: io::Result<Seq>,
     ) -> Effects {
         let mut fx = Effects::default();
         let Some(rt) = self.slinks.get_mut(&nr) else { return fx };
@@ -129,14 +145,24 @@ impl Machine {
             // The SLINK left ordered mode meanwhile: these entries are dirty regions now.
             return fx;
         }
-        if let Err(e) = result {
-            rt.shipped = rt.durable;
-            self.went_down(now, nr, "applying entries", &e);
-            return fx;
-        }
+        let durable = match result {
+            Ok(d) => d,
+            Err(e) => {
+                rt.shipped = rt.durable;
+                self.went_down(now, nr, "applying entries", &e);
+                return fx;
+            }
+        };
         self.recovered(nr);
         let rt = self.slinks.get_mut(&nr).expect("slink");
         rt.shipped = rt.shipped.max(last);
+        // (Never past what was shipped, never backwards.)
+        let last = durable.min(rt.shipped);
+        if last <= rt.durable {
+            // Shipped, nothing newly durable: the copier goes on (more to ship, or collect).
+            fx.wake_copiers = true;
+            return fx;
+        }
         rt.durable = last;
         rt.applies += 1;
         rt.apply_us += took.as_micros() as u64;

@@ -177,8 +177,11 @@ pub(crate) enum Io {
     Leave { slink: SlinkNr, logs: Vec<Arc<dyn DirtyLog>> },
     /// Appender: register the SLINK in the log (ordered again), then [`Event::Reordered`].
     Reorder { slink: SlinkNr },
-    /// Copier: apply, then [`Event::Applied`] (or [`Event::LogReadFailed`]).
+    /// Copier: apply (ship), then [`Event::Applied`] (or [`Event::LogReadFailed`]).
     Apply(ApplyWork),
+    /// Copier: wait for the site to acknowledge what is in flight, then
+    /// [`Event::Applied`] (a pipelining SLINK with nothing more to ship).
+    Collect { slink: SlinkNr, era: u64, last: Seq },
     /// Copier: copy the region, then [`Event::Resynced`].
     Resync(ResyncWork),
     /// Copier: probe the site, then [`Event::Probed`].
@@ -223,12 +226,13 @@ pub(crate) enum Event {
     CopierReady {
         slink: SlinkNr,
     },
+    /// Entries up to `last` were shipped; `Ok(d)`: everything up to `d` is durable there.
     Applied {
         slink: SlinkNr,
         era: u64,
         last: Seq,
         took: Duration,
-        result: io::Result<()>,
+        result: io::Result<Seq>,
     },
     LogReadFailed {
         slink: SlinkNr,
