@@ -46,7 +46,7 @@ fn state_through(h: &Harness, through: u64) -> BTreeMap<(DevNr, u64), u8> {
 
 fn check_ordered_copies(h: &Harness) -> Result<(), TestCaseError> {
     for (nr, rt) in &h.m.slinks {
-        if !(rt.ordered && !rt.leaving()) {
+        if !rt.ordered || rt.leaving() {
             continue;
         }
         let want = state_through(h, rt.durable);
