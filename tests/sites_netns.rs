@@ -9,9 +9,9 @@
 //!   again the secondary catches up from the log, equal bytes, no region copied;
 //! - the same with nftables dropping the site port inside the namespace (only where
 //!   `nft` is installed: it is optional, its absence skips that test with the reason);
-//! - (ignored until fixed) no application write waits for the partition, even while the
-//!   group's status is queried: today a status query waits for the link's connection,
-//!   holding the group's lock, so writes stall for up to the SLINK's timeout.
+//! - no application write waits for the partition, even while the group's status is
+//!   queried all along (as monitoring does): a status query that waited for the link's
+//!   exchange under the group's lock stalled every write for up to the SLINK's timeout.
 //!
 //! While the root side of the veth is down, its connected route is gone: an `unreachable`
 //! route for the /30 (added with the namespace, removed with it) keeps the primary's
@@ -445,6 +445,7 @@ fn partition_is_absorbed_by_the_log_and_heals_without_a_full_copy(
     );
     let during = a.slink(1);
     assert_eq!(during["accessible"], false, "SLINK 1 back during the partition: {during}");
+    assert_eq!(during["link"]["connected"], false, "connected through the cut: {during}");
     assert_eq!(u(&b.site_status()["received"]), received, "the secondary received entries through the cut");
     let used = a.status()["log"]["used_bytes"].clone();
 
@@ -474,6 +475,7 @@ fn partition_is_absorbed_by_the_log_and_heals_without_a_full_copy(
     let caught_up = t_heal.elapsed();
     assert_same(&a.dev(), &b.dev());
     let s1 = a.slink(1);
+    assert!(u(&s1["link"]["connects"]) > u(&during["link"]["connects"]), "no reconnection counted: {s1}");
     assert_eq!(s1["sync"]["bytes_copied"], 0, "a region was copied after the partition: {s1}");
     assert_eq!(s1["sync"]["ordered"], true, "{s1}");
     let log = a.link_log();
@@ -526,9 +528,6 @@ fn nftables_partition_is_absorbed_by_the_log_and_heals_without_a_full_copy() {
 /// An asynchronous SLINK's partition must not slow the application, even while someone
 /// watches the group's status (as monitoring does, and as these tests do).
 #[test]
-#[ignore = "dmrep bug: Group::status holds the group's lock while NetSlink::describe waits for the link's \
-            connection lock, which apply/probe hold for up to the SLINK's timeout: a status query during a \
-            partition stalls every write of the group for up to that timeout"]
 fn status_queries_during_a_partition_do_not_stall_the_application() {
     partition_is_absorbed_by_the_log_and_heals_without_a_full_copy(Cut::LinkDown, "3s", Some(Duration::from_secs(1)));
 }
