@@ -213,6 +213,10 @@ pub struct Daemon {
     pub tcp: Option<String>,
     /// More daemon options (a site's name, TLS files, listen address).
     pub extra: Vec<String>,
+    /// A command the daemon runs under, before `BIN` (e.g. `ip netns exec NS` to run it
+    /// in a network namespace); empty: the daemon is started directly. It must exec the
+    /// daemon (not fork it): the harness signals the process it started.
+    pub wrap: Vec<String>,
     child: Option<Child>,
 }
 
@@ -229,7 +233,14 @@ impl Daemon {
 
     /// Start a daemon with more options, given a function of its directory.
     pub fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Daemon {
+        Self::start_wrapped(Vec::new(), extra)
+    }
+
+    /// Same, the daemon run under `wrap` (see [`Daemon::wrap`]): `BIN` and its
+    /// arguments follow it on the command line.
+    pub fn start_wrapped(wrap: Vec<String>, extra: impl FnOnce(&Path) -> Vec<String>) -> Daemon {
         let mut d = Self::unstarted(false);
+        d.wrap = wrap;
         d.extra = extra(d.dir.path());
         d.spawn();
         d
@@ -253,6 +264,7 @@ impl Daemon {
             tcp: tcp.then(|| format!("127.0.0.1:{}", free_port())),
             dir,
             extra: Vec::new(),
+            wrap: Vec::new(),
             child: None,
         };
         d
@@ -265,7 +277,14 @@ impl Daemon {
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.wrap.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("--control")
             .arg(&self.control)
             .arg("daemon")
