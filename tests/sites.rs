@@ -435,6 +435,11 @@ fn garbage_on_the_site_port_does_not_hurt_the_daemon() {
         let _ = child.stdin.take().unwrap().write_all(&frame);
         let _ = child.wait();
     }
+    // A flood of idle connections (more than the listener serves at once) costs a
+    // bounded number of threads and goes away with them.
+    let idle: Vec<std::net::TcpStream> = (0..80).map(|_| std::net::TcpStream::connect(b.listen).unwrap()).collect();
+    assert!(wait_until(Duration::from_secs(10), || b.d.log_text().contains("connections already open")));
+    drop(idle);
     assert!(b.d.alive(), "the secondary daemon died");
     qemu_io_ok(&a.d.uri("g-0"), &["write -P 5 0 64k"]);
     wait_caught_up(&a, &b, Duration::from_secs(30));

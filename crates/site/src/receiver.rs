@@ -48,6 +48,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// link timeout a table would sensibly use.
 const SILENCE: Duration = Duration::from_secs(90);
 
+/// Most site connections served at once (handshakes included): a flood of connections
+/// (a scan, a misconfigured peer in a loop) costs a bounded number of threads; each group
+/// needs one, and a handshake ends within [`HANDSHAKE_TIMEOUT`].
+const MAX_CONNECTIONS: usize = 64;
+
 /// Finds the group a hello names.
 pub type Lookup = Arc<dyn Fn(&str) -> Option<SiteGroup> + Send + Sync>;
 
@@ -62,17 +67,27 @@ struct Sessions {
 pub fn serve(listener: TcpListener, tls: Arc<SiteTls>, lookup: Lookup, stop: Arc<AtomicBool>) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let sessions = Arc::new(Sessions::default());
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((tcp, addr)) => {
-                let (tls, lookup, sessions) = (tls.clone(), lookup.clone(), sessions.clone());
-                let _ = std::thread::Builder::new().name(format!("site-{addr}")).spawn(move || {
-                    if let Err(e) = tcp.set_nonblocking(false) {
-                        tracing::warn!(%addr, "site connection: {e}");
-                        return;
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(%addr, "site connection refused: {MAX_CONNECTIONS} connections already open");
+                    continue;
+                }
+                let (tls, lookup, sessions, mine) = (tls.clone(), lookup.clone(), sessions.clone(), active.clone());
+                let spawned = std::thread::Builder::new().name(format!("site-{addr}")).spawn(move || {
+                    match tcp.set_nonblocking(false) {
+                        Ok(()) => connection(tcp, &tls, &lookup, &sessions),
+                        Err(e) => tracing::warn!(%addr, "site connection: {e}"),
                     }
-                    connection(tcp, &tls, &lookup, &sessions);
+                    mine.fetch_sub(1, Ordering::SeqCst);
                 });
+                if let Err(e) = spawned {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(%addr, "site connection dropped: cannot start its thread: {e}");
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(200)),
             Err(e) => {
