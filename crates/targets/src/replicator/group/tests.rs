@@ -741,3 +741,30 @@ fn a_site_with_its_own_log_takes_many_epochs_at_once_local_copies_one_per_apply(
     h.assert_copy_equal(1);
     h.assert_copy_equal(2);
 }
+
+/// A write appended after the resync found nothing left to copy, but before the SLINK
+/// rejoined ordered mode: its region is dirty again, so the resync must go on (it used to
+/// stop for good, the SLINK stuck out of ordered mode with one dirty region).
+#[test]
+fn a_write_landing_after_the_resync_finished_is_copied_too() {
+    let mut h = Harness::new(&[0], &[], 8 << 20);
+    let hd = handler_with(&mut h.devs, 1, &[0]);
+    h.handlers.insert(1, hd.clone());
+    let log: Arc<dyn DirtyLog> = Arc::new(CoreLog::new(DEV, REGION));
+    h.control(Control::AddSlink(
+        SlinkSetup { nr: 1, handler: hd, policy: ASYNC, thresholds: Thresholds::default() },
+        vec![(0, log, DEV, true)],
+    ));
+    assert!(!h.ordered(1));
+    // A write is planned (its batch in the appender's hands) ...
+    h.write(0, 5 * REGION, 0x77, 4096);
+    let io = h.appender_io().expect("a batch");
+    assert!(matches!(io, Io::Append(_)));
+    // ... the resync copies every region and finds nothing left ...
+    h.copy_all(1);
+    // ... then the batch lands: region 5 is dirty again.
+    h.run(io);
+    h.settle();
+    assert!(h.ordered(1), "the SLINK is stuck out of ordered mode");
+    h.assert_copy_equal(1);
+}

@@ -184,7 +184,9 @@ impl Machine {
                     rt.out_bytes += m.len as u64;
                 } else if !rt.ordered || rt.leaving {
                     // Out of ordered mode now (even if it was not when planned): the
-                    // write becomes dirty regions, published with it.
+                    // write becomes dirty regions, published with it. A resync that had
+                    // found nothing left to copy has one more region now.
+                    rt.resync.done = false;
                     match self.dirty.get(&(*nr, m.dev_nr)) {
                         Some((log, _)) => {
                             log.mark_range(m.offset, m.len as u64);
