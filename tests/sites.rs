@@ -30,23 +30,13 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use common::sites::*;
 use common::*;
 use dmrep_faultproxy::FaultProxy;
 use wof::*;
 
 const DEV_SECTORS: u64 = 65536;
 const NBLOCKS: u64 = 2048;
-
-/// `dmrep pki init` and one certificate per site, in a directory of its own.
-fn pki(sites: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("dmrep-pki").tempdir_in("/tmp").unwrap();
-    let d = dir.path().to_str().unwrap();
-    run_ok(Command::new(BIN).args(["pki", "init", d]));
-    for s in sites {
-        run_ok(Command::new(BIN).args(["pki", "issue", d, s]));
-    }
-    dir
-}
 
 /// A site: a daemon with a site name, TLS files and a site listener.
 struct Site {
@@ -109,7 +99,7 @@ impl Site {
     }
 
     fn status(&self) -> serde_json::Value {
-        self.d.json(&["status", "g"])[0]["segments"][0]["detail"].clone()
+        group_status(&self.d, "g")
     }
 
     fn site_status(&self) -> serde_json::Value {
@@ -118,7 +108,7 @@ impl Site {
 
     /// SLINK `nr`'s status at this (primary) site.
     fn slink(&self, nr: u64) -> serde_json::Value {
-        self.status()["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == nr).cloned().unwrap()
+        slink_of(&self.status(), nr)
     }
 }
 
@@ -130,6 +120,42 @@ fn pair(pki: &Path, ndev: u32, policy: &str, extra: &str, via: Option<SocketAddr
     b.d.create("g", &b.table(ndev, true, "paris", a.listen, "async", ""));
     a.d.create("g", &a.table(ndev, false, "tokyo", via.unwrap_or(b.listen), policy, extra));
     (a, b)
+}
+
+/// The write-order workload's seed: `WOF_SEED`, or a random one (printed to replay).
+fn wof_seed() -> u64 {
+    let seed = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    seed
+}
+
+/// The write-order workload on the primary's two devices.
+fn writer_cfg(a: &Site) -> WriterCfg {
+    WriterCfg {
+        socket: a.d.nbd.clone(),
+        exports: vec!["g-0".into(), "g-1".into()],
+        q: 8,
+        stall: Duration::from_secs(60),
+    }
+}
+
+/// A primary that must be refused writes; its refusal must be logged at the secondary
+/// (`secondary_says`) and reach it as its SLINK's last error (`peer_hears`).
+fn assert_refused(peer: &Site, secondary: &Site, secondary_says: &str, peer_hears: &str) {
+    qemu_io_ok(&peer.d.uri("g-0"), &["write -P 0x42 0 64k"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || secondary.d.log_text().contains(secondary_says)),
+        "{} not refused with \"{secondary_says}\" at the secondary:\n{}",
+        peer.name,
+        secondary.d.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || peer.slink(1)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(peer_hears))),
+        "the refused {} is not told \"{peer_hears}\": {}",
+        peer.name,
+        peer.slink(1)
+    );
 }
 
 fn hash(p: &Path) -> u32 {
@@ -230,18 +256,12 @@ fn secondary_follows_its_primary_and_refuses_writes() {
 
 #[test]
 fn secondary_kill9_recovers_to_a_prefix_and_keeps_following_without_a_copy() {
-    let seed: u64 = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed {seed} (WOF_SEED)");
+    let seed = wof_seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let pki = pki(&["paris", "tokyo"]);
     let (a, mut b) = pair(pki.path(), 2, "async", "timeout=2s", None);
     let hist = Arc::new(Mutex::new(History::new(2, NBLOCKS)));
-    let cfg = WriterCfg {
-        socket: a.d.nbd.clone(),
-        exports: vec!["g-0".into(), "g-1".into()],
-        q: 8,
-        stall: Duration::from_secs(60),
-    };
+    let cfg = writer_cfg(&a);
     let writer = BackgroundWriter::start(hist.clone(), cfg, rng.clone());
     let bdevs = [b.dev(0), b.dev(1)];
     for k in 0..4 {
@@ -348,37 +368,12 @@ fn peers_that_are_not_the_groups_primary_are_refused() {
     // A site the group does not name (valid certificate from the same CA).
     let c = Site::start("osaka", pki.path());
     c.d.create("g", &c.table(1, false, "tokyo", b.listen, "async", ""));
-    qemu_io_ok(&c.d.uri("g-0"), &["write -P 0x42 0 64k"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || b.d.log_text().contains("site 'osaka' is not a peer of group g")),
-        "refusal not logged at the secondary:\n{}",
-        b.d.log_text()
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || c.slink(1)["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not a peer"))),
-        "the refused primary is not told why: {}",
-        c.slink(1)
-    );
-
-    // Another group of the same name: the same site names, another CA.
+    assert_refused(&c, &b, "site 'osaka' is not a peer of group g", "not a peer");
+    // Another group of the same name: the same site names, another CA. (The stranger
+    // refuses our certificate first; each side says so in words.)
     let d = Site::start("paris", other_ca.path());
     d.d.create("g", &d.table(1, false, "tokyo", b.listen, "async", ""));
-    qemu_io_ok(&d.d.uri("g-0"), &["write -P 0x43 0 64k"]);
-    // (The stranger refuses our certificate first; each side says so in words.)
-    assert!(
-        wait_until(Duration::from_secs(20), || b.d.log_text().contains("does not trust our certificate")),
-        "another CA's peer: the refusal is not logged with its reason:\n{}",
-        b.d.log_text()
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || d.slink(1)["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not issued by our CA"))),
-        "the stranger's side does not say why: {}",
-        d.slink(1)
-    );
+    assert_refused(&d, &b, "does not trust our certificate", "not issued by our CA");
     // Nothing reached the secondary's device; it still follows its own primary.
     assert_eq!(hash(&b.dev(0)), before, "a refused peer wrote to the secondary's device");
     qemu_io_ok(&a.d.uri("g-0"), &["write -P 10 64k 64k"]);
@@ -388,12 +383,7 @@ fn peers_that_are_not_the_groups_primary_are_refused() {
     // A second primary of the same name with its own group (another UUID), same CA.
     let e = Site::start("paris", pki.path());
     e.d.create("g", &e.table(1, false, "tokyo", b.listen, "async", ""));
-    qemu_io_ok(&e.d.uri("g-0"), &["write -P 0x44 0 64k"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || b.d.log_text().contains("another group of the same name")),
-        "a group of another UUID not refused:\n{}",
-        b.d.log_text()
-    );
+    assert_refused(&e, &b, "another group of the same name", "another group of the same name");
     wait_caught_up(&a, &b, Duration::from_secs(30));
     assert_same(&a, &b, 1);
 }
@@ -535,18 +525,12 @@ fn two_remote_sites_each_at_its_own_pace() {
 
 #[test]
 fn primary_kill9_recovers_its_log_and_ships_the_rest() {
-    let seed: u64 = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed {seed} (WOF_SEED)");
+    let seed = wof_seed();
     let rng = StdRng::seed_from_u64(seed);
     let pki = pki(&["paris", "tokyo"]);
     let (mut a, b) = pair(pki.path(), 2, "async", "timeout=2s", None);
     let hist = Arc::new(Mutex::new(History::new(2, NBLOCKS)));
-    let cfg = WriterCfg {
-        socket: a.d.nbd.clone(),
-        exports: vec!["g-0".into(), "g-1".into()],
-        q: 8,
-        stall: Duration::from_secs(60),
-    };
+    let cfg = writer_cfg(&a);
     let writer = BackgroundWriter::start(hist.clone(), cfg, rng);
     assert!(wait_until(Duration::from_secs(30), || b.site_status()["received"].as_u64().unwrap_or(0) > 300));
     a.d.kill9();
@@ -609,8 +593,8 @@ fn resources(pid: u32) -> (usize, usize) {
 fn a_flapping_link_loses_nothing_leaks_nothing_and_converges() {
     // FLAP_SECS: how long the link flaps (default 8; the issue's minute: FLAP_SECS=60).
     let secs: u64 = std::env::var("FLAP_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
-    let seed: u64 = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed {seed} (WOF_SEED), flapping for {secs} s (FLAP_SECS)");
+    let seed = wof_seed();
+    eprintln!("flapping for {secs} s (FLAP_SECS)");
     let mut rng = StdRng::seed_from_u64(seed);
     let pki = pki(&["paris", "tokyo"]);
     let b = Site::start("tokyo", pki.path());
@@ -624,12 +608,7 @@ fn a_flapping_link_loses_nothing_leaks_nothing_and_converges() {
     let (threads0, fds0) = (resources(a.d.pid()), resources(b.d.pid()));
 
     let hist = Arc::new(Mutex::new(History::new(2, NBLOCKS)));
-    let cfg = WriterCfg {
-        socket: a.d.nbd.clone(),
-        exports: vec!["g-0".into(), "g-1".into()],
-        q: 8,
-        stall: Duration::from_secs(60),
-    };
+    let cfg = writer_cfg(&a);
     let writer = BackgroundWriter::start(hist.clone(), cfg, rng.clone());
     let until = std::time::Instant::now() + Duration::from_secs(secs);
     let mut flaps = 0;

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use common::sites::*;
 use common::*;
 
 const DEV_SECTORS: u64 = 65536;
@@ -41,17 +42,6 @@ const DEV_SECTORS: u64 = 65536;
 const SITE_PORT: u16 = 7400;
 /// Metric of the guard route (see the module doc): tells ours apart from others.
 const GUARD_METRIC: &str = "4213";
-
-/// `dmrep pki init` and one certificate per site, in a directory of its own.
-fn pki(sites: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("dmrep-pki").tempdir_in("/tmp").unwrap();
-    let d = dir.path().to_str().unwrap();
-    run_ok(Command::new(BIN).args(["pki", "init", d]));
-    for s in sites {
-        run_ok(Command::new(BIN).args(["pki", "issue", d, s]));
-    }
-    dir
-}
 
 fn ip(args: &[&str]) -> Output {
     run_timeout(Command::new("ip").args(args), Duration::from_secs(20))
@@ -267,7 +257,7 @@ impl Site {
     }
 
     fn status(&self) -> serde_json::Value {
-        self.d.json(&["status", "g"])[0]["segments"][0]["detail"].clone()
+        group_status(&self.d, "g")
     }
 
     fn site_status(&self) -> serde_json::Value {
@@ -276,7 +266,7 @@ impl Site {
 
     /// SLINK `nr`'s status at this (primary) site.
     fn slink(&self, nr: u64) -> serde_json::Value {
-        self.status()["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == nr).cloned().unwrap()
+        slink_of(&self.status(), nr)
     }
 
     /// The daemon's log lines about the site link.

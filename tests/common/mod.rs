@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod sites;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

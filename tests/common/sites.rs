@@ -1,0 +1,27 @@
+//! Helpers for tests with remote sites (`tests/sites.rs`, `tests/sites_netns.rs`):
+//! certificates made by `dmrep pki`, and a group's status read from a daemon.
+
+use std::process::Command;
+
+use super::{run_ok, Daemon, BIN};
+
+/// `dmrep pki init` and one certificate per site, in a directory of its own.
+pub fn pki(sites: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("dmrep-pki").tempdir_in("/tmp").unwrap();
+    let d = dir.path().to_str().unwrap();
+    run_ok(Command::new(BIN).args(["pki", "init", d]));
+    for s in sites {
+        run_ok(Command::new(BIN).args(["pki", "issue", d, s]));
+    }
+    dir
+}
+
+/// The status (`--json`, the replicator segment's detail) of group `name` at `d`.
+pub fn group_status(d: &Daemon, name: &str) -> serde_json::Value {
+    d.json(&["status", name])[0]["segments"][0]["detail"].clone()
+}
+
+/// SLINK `nr`'s status in a group status.
+pub fn slink_of(status: &serde_json::Value, nr: u64) -> serde_json::Value {
+    status["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == nr).cloned().unwrap()
+}
