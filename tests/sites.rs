@@ -125,6 +125,7 @@ fn pair(pki: &Path, ndev: u32, policy: &str, extra: &str, via: Option<SocketAddr
 /// The write-order workload's seed: `WOF_SEED`, or a random one (printed to replay).
 fn wof_seed() -> u64 {
     let seed = std::env::var("WOF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (WOF_SEED)");
     seed
 }
 
