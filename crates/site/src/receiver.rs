@@ -156,7 +156,7 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
         f.last_heard = Some(SystemTime::now());
         f.last_error = None;
     });
-    let end = follow(&group, &w, &mut r, || sessions.current.lock().get(&hello.group_name) == Some(&id));
+    let end = follow(&group, sg.dev_bytes, &w, &mut r, || sessions.current.lock().get(&hello.group_name) == Some(&id));
     tracing::info!(group = %hello.group_name, primary = %peer, "primary link ended: {end}");
     if sessions.current.lock().get(&hello.group_name) == Some(&id) {
         group.update_following(|f| {
@@ -298,11 +298,30 @@ impl IoSink for Batch {
     }
 }
 
-/// Append a batch to the group's log; what it has received after.
-fn receive(group: &Group, batch: EntryBatch) -> Result<u64, String> {
+/// Whether `len` bytes at `offset` of device `dev_nr` exist here. What the primary sends
+/// reaches the devices without the range checks of the NBD path: checked here, so that a
+/// wrong peer can neither write past a device's end nor to a device this site lacks.
+fn check_range(devices: &[u32], dev_bytes: u64, dev_nr: u32, offset: u64, len: u64) -> Result<(), String> {
+    if !devices.contains(&dev_nr) {
+        return Err(format!("device {dev_nr} does not exist here"));
+    }
+    if offset.checked_add(len).is_none_or(|end| end > dev_bytes) {
+        return Err(format!("{len} bytes at {offset} are beyond device {dev_nr}'s {dev_bytes} bytes"));
+    }
+    Ok(())
+}
+
+/// Append a batch to the group's log; what it has received after. A batch with an
+/// entry out of range is refused whole, before anything of it is appended.
+fn receive(group: &Group, dev_bytes: u64, batch: EntryBatch) -> Result<u64, String> {
     let received = group.received();
     let sink = Arc::new(Batch::default());
     let fresh: Vec<_> = batch.entries.into_iter().filter(|e| e.seq > received).collect();
+    let devices = group.device_numbers();
+    for e in &fresh {
+        check_range(&devices, dev_bytes, e.dev_nr, e.offset, e.len as u64)
+            .map_err(|why| format!("entry {} refused: {why}", e.seq))?;
+    }
     sink.state.lock().0 = fresh.len();
     for (i, e) in fresh.into_iter().enumerate() {
         let op = match e.kind {
@@ -325,7 +344,7 @@ fn receive(group: &Group, batch: EntryBatch) -> Result<u64, String> {
 }
 
 /// Serve one primary until the link ends; why it ended.
-fn follow(group: &Group, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() -> bool) -> String {
+fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() -> bool) -> String {
     if let Err(e) = r.set_read_timeout(Some(Duration::from_secs(1))) {
         return e.to_string();
     }
@@ -350,7 +369,7 @@ fn follow(group: &Group, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() ->
         let reply = match msg {
             Message::Entries(batch) => {
                 let last = batch.entries.last().map_or(0, |e| e.seq);
-                let received = match receive(group, batch) {
+                let received = match receive(group, dev_bytes, batch) {
                     Ok(r) => r,
                     Err(e) => return e,
                 };
@@ -377,6 +396,10 @@ fn follow(group: &Group, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() ->
                 Message::Heartbeat(Heartbeat { time_us: now_us, last_seq: received, durable: group.applied_origin() })
             }
             Message::ResyncData(d) => {
+                let range = check_range(&group.device_numbers(), dev_bytes, d.dev_nr, d.offset, d.data.len() as u64);
+                if let Err(why) = range {
+                    return format!("resync data refused: {why}");
+                }
                 if let Err(e) = group.write_resync(d.dev_nr, d.offset, &d.data) {
                     return format!("writing resync data to device {} at {}: {e}", d.dev_nr, d.offset);
                 }
@@ -402,5 +425,22 @@ fn follow(group: &Group, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() ->
         if let Err(e) = frames::send(w, &reply, Compression::None) {
             return e.to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_range;
+
+    #[test]
+    fn entries_out_of_range_are_refused() {
+        let devs = [0, 2];
+        assert!(check_range(&devs, 1 << 20, 0, 0, 1 << 20).is_ok());
+        assert!(check_range(&devs, 1 << 20, 2, (1 << 20) - 512, 512).is_ok());
+        let e = check_range(&devs, 1 << 20, 1, 0, 512).unwrap_err();
+        assert!(e.contains("device 1 does not exist here"), "{e}");
+        let e = check_range(&devs, 1 << 20, 0, (1 << 20) - 511, 512).unwrap_err();
+        assert!(e.contains("beyond device 0"), "{e}");
+        assert!(check_range(&devs, 1 << 20, 0, u64::MAX, 1).is_err(), "overflow");
     }
 }

@@ -126,23 +126,17 @@ impl Group {
         let applied = self.applied_origin();
         let f = self.following.lock().clone();
         let now = SystemTime::now();
-        let (unapplied, unapplied_bytes) = {
+        // One look at SLINK 0 (what is received and not yet on the devices).
+        let (unapplied, unapplied_bytes, first_unapplied) = {
             let m = self.inner.m.lock();
-            m.slinks.get(&0).map_or((0, 0), |rt| {
+            m.slinks.get(&0).map_or((0, 0, None), |rt| {
                 let l = rt.lag(Instant::now());
-                (l.ios, l.bytes)
+                (l.ios, l.bytes, rt.first_outstanding())
             })
         };
         let not_received = f.primary_last_seq.saturating_sub(received);
-        let oldest_unapplied_us = self
-            .inner
-            .m
-            .lock()
-            .slinks
-            .get(&0)
-            .and_then(|rt| rt.first_outstanding())
-            .and_then(|s| self.inner.log.entries_from(s, 1).pop())
-            .map(|e| e.origin_time_us);
+        let oldest_unapplied_us =
+            first_unapplied.and_then(|s| self.inner.log.entries_from(s, 1).pop()).map(|e| e.origin_time_us);
         let now_us = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         let mut lag_seconds = 0.0f64;
         if let Some(t) = oldest_unapplied_us.filter(|t| *t > 0) {

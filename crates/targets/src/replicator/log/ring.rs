@@ -867,25 +867,28 @@ impl RingLog {
         Ok(())
     }
 
-    /// Sets what an empty secondary log has received (the primary's seq it resumes
-    /// after, e.g. once a full copy made its devices equal to the primary at that seq).
-    /// Refused if the log holds entries or the seq goes backwards. Durable on return.
+    /// Sets what a secondary log has received (the primary's seq it resumes after, e.g.
+    /// once a resync made its devices equal to the primary at that seq; every entry the
+    /// log holds is older). Refused if the seq goes backwards. Durable on return; on an
+    /// error nothing changes.
     pub fn set_received(&self, origin_seq: u64) -> Result<(), LogError> {
         let _serial = self.append_lock.lock();
-        {
+        let before = {
             let mut m = self.meta.lock();
-            if !m.entries.is_empty() || origin_seq < m.origin_tail {
+            if origin_seq < m.origin_tail {
                 return Err(LogError::BadEntry {
                     index: 0,
-                    reason: format!(
-                        "received seq {origin_seq} set on a log holding entries or past it ({})",
-                        m.origin_tail
-                    ),
+                    reason: format!("received seq {origin_seq} is before what the log has ({})", m.origin_tail),
                 });
             }
-            m.origin_tail = origin_seq;
+            std::mem::replace(&mut m.origin_tail, origin_seq)
+        };
+        let r = self.set_site(|_| {});
+        if r.is_err() {
+            // Not durable: what is received stays what it was.
+            self.meta.lock().origin_tail = before;
         }
-        self.set_site(|_| {})
+        r
     }
 
     /// The largest data of a single entry that can ever fit: the ring minus one header
