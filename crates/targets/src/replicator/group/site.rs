@@ -64,7 +64,12 @@ impl Group {
 
     /// Change the site's role or group identity, durably.
     pub fn set_site(&self, change: impl FnOnce(&mut SiteState)) -> Result<(), GroupError> {
-        self.inner.log.set_site(change).map_err(GroupError::Log)
+        // The superblock write happens outside the machine's lock (no I/O under it); the
+        // machine learns the role once it is durable.
+        self.inner.log.set_site(change).map_err(GroupError::Log)?;
+        let secondary = self.inner.log.site().role == SiteRole::Secondary;
+        self.inner.m.lock().secondary = secondary;
+        Ok(())
     }
 
     /// Highest of the primary's seqs durable in this site's log.

@@ -367,6 +367,10 @@ pub(crate) struct Machine {
     /// The control device is suspended: no new batch is appended (writes of every device
     /// of the group wait in the queue), a point where the log holds whole writes only.
     pub frozen: bool,
+    /// The site is a secondary (its log's role, read once: role changes go through
+    /// [`Group::set_site`](super::Group::set_site), which updates it): writes come only
+    /// from its primary's stream. Kept here so a write does not read the log's state.
+    pub secondary: bool,
     /// A batch is with the appender (or its dirty-log flush is): not yet settled.
     pub appending: bool,
     /// Ring length, and the most bytes one batch may take of it.
@@ -408,6 +412,7 @@ impl Machine {
             detach_ld: BTreeMap::new(),
             log_full: None,
             frozen: false,
+            secondary: log.site().role == dmrep_formats::replog::SiteRole::Secondary,
             appending: false,
             ring_len,
             // A batch must fit in the ring with room to spare, however small the log.

@@ -1,7 +1,6 @@
 //! Writes: queueing, group commit planning, the append's result, acknowledgements.
 
 use super::*;
-use dmrep_formats::replog::SiteRole;
 
 impl Machine {
     pub(super) fn submit(&mut self, dev_nr: DevNr, req: Request, done: Completion, origin: Option<Origin>) -> Effects {
@@ -12,7 +11,7 @@ impl Machine {
         }
         // A secondary's devices take writes only from its primary's stream; a primary
         // never takes a stream.
-        let secondary = self.log.site().role == SiteRole::Secondary;
+        let secondary = self.secondary;
         if secondary != origin.is_some() {
             tracing::debug!(group = %self.name, secondary, "write refused: wrong role for its source");
             fx.fail(req, done, if secondary { Errno::ROFS } else { Errno::PERM });
