@@ -61,7 +61,12 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Command::Ls { json } => (Request::List, json),
         Command::Message { name, sector, message } => (Request::Message { name, sector, args: message }, false),
         Command::Version { json } => (Request::Version, json),
-        Command::Daemon(_) | Command::Demo(_) | Command::Pki(_) | Command::Log(_) | Command::Wait { .. } => {
+        Command::Daemon(_)
+        | Command::Demo(_)
+        | Command::Pki(_)
+        | Command::Log(_)
+        | Command::Wait { .. }
+        | Command::Roles(_) => {
             unreachable!("handled in main")
         }
     };

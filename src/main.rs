@@ -4,6 +4,7 @@
 mod commands;
 mod demo;
 mod output;
+mod roles;
 mod run_daemon;
 
 use std::path::PathBuf;
@@ -179,6 +180,8 @@ pub enum Command {
     Log(LogCommand),
     /// Run the built-in demonstration: files, a daemon, devices, served until Ctrl-C.
     Demo(demo::DemoArgs),
+    #[command(flatten)]
+    Roles(roles::RoleCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +243,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Pki(cmd) => pki(cmd),
         Command::Log(cmd) => commands::log(cmd),
+        Command::Roles(cmd) => roles::run(cmd, cli.control),
         Command::Wait { name, resync, timeout } => commands::wait(cli.control, &name, resync, timeout),
         other => commands::run(other, cli.control),
     };

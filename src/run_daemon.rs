@@ -99,13 +99,14 @@ pub fn init_logging() {
 pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
     let control_path = dmrep_control::control_path(control);
     // Site links first: restored tables may have net SLINKs.
+    let boards = Arc::new(dmrep_site::board::Boards::default());
     let tls = match args.tls_files() {
         Some(files) => {
             let site = args.site_name.as_deref().unwrap_or_default();
             let tls = dmrep_site::tls::SiteTls::load(&files, site).context("site TLS")?;
             dmrep_targets::replicator::slink::register_transport(
                 "net",
-                Arc::new(dmrep_site::net::NetTransport::new(Arc::new(tls.clone()))),
+                Arc::new(dmrep_site::net::NetTransport::new(Arc::new(tls.clone()), boards.clone())),
             );
             Some(Arc::new(tls))
         }
@@ -156,7 +157,7 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
                 Arc::new(move |name: &str| dmrep_targets::replicator::target::site_group(&devices, name));
             let stop = site_stop.clone();
             std::thread::Builder::new().name("site-listen".into()).spawn(move || {
-                if let Err(e) = dmrep_site::receiver::serve(l, tls, lookup, stop) {
+                if let Err(e) = dmrep_site::receiver::serve(l, tls, lookup, boards, stop) {
                     warn!("site listener stopped: {e}");
                 }
             })?;

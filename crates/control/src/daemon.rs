@@ -598,15 +598,19 @@ impl Daemon {
                 Ok(Response::Statuses { devices })
             }
             Request::Message { name, sector, args } => {
-                let _g = self.ops.lock();
-                let dev = self.device(&name)?;
-                let table = dev.live_table().ok_or_else(|| DaemonError::NotFound(name.clone()))?;
-                let size = table.size() / 512;
-                let target = table
-                    .targets()
-                    .find(|(s, _)| s.start <= sector && sector < s.start + s.len)
-                    .map(|(_, t)| t.clone())
-                    .ok_or(DaemonError::NoSegment { name, sector, size })?;
+                let target = {
+                    let _g = self.ops.lock();
+                    let dev = self.device(&name)?;
+                    let table = dev.live_table().ok_or_else(|| DaemonError::NotFound(name.clone()))?;
+                    let size = table.size() / 512;
+                    let found = table
+                        .targets()
+                        .find(|(s, _)| s.start <= sector && sector < s.start + s.len)
+                        .map(|(_, t)| t.clone());
+                    found.ok_or(DaemonError::NoSegment { name, sector, size })?
+                };
+                // (Outside the lock: a switchover holds writes and drains for seconds; the
+                // target stays alive while this holds it.)
                 Ok(Response::Reply { text: target.message(&args)? })
             }
         }

@@ -13,6 +13,7 @@
 pub mod control;
 pub mod dirtylog;
 mod le;
+pub mod lineage;
 pub mod nbd;
 pub mod replicator_table;
 pub mod replog;

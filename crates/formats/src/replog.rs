@@ -22,13 +22,58 @@
 //!   generation, and the origin floor (see [`SiteState`]); entry headers (entry version 2)
 //!   carry their origin seq and origin time. Version 1 logs open as a primary of
 //!   generation 1 whose group UUID is the log's UUID; version 1 entries have no origin.
+//! - 3: the superblock carries the group's lineage (the newest generations the site has
+//!   been part of, see [`crate::lineage`]) instead of a bare generation number, and site
+//!   flags (inconsistent, discard-local). A version 2 superblock reads as a lineage of its
+//!   one generation (nonce 0, from seq 1) and no flags.
 
 use crate::le::*;
+use crate::lineage::{GenRecord, Lineage, GEN_RECORD_LEN, MAX_GENERATIONS};
 use serde::{Deserialize, Serialize};
+
+/// The site part of a version 2 or 3 superblock (offsets 106, 107, 2672..2904).
+fn decode_site(b: &[u8], version: u32) -> Result<SiteState, SuperblockError> {
+    let mut group_uuid = [0u8; 16];
+    group_uuid.copy_from_slice(&b[2672..2688]);
+    let role =
+        SiteRole::from_u8(b[106]).ok_or_else(|| SuperblockError::Invalid(format!("unknown site role {}", b[106])))?;
+    let generation = get_u64(b, 2688);
+    let (lineage, flags) = if version == 2 {
+        let l = Lineage::from_records(&[GenRecord { generation: generation.max(1), nonce: 0, start: 1 }])
+            .map_err(SuperblockError::Invalid)?;
+        (l, 0)
+    } else {
+        let n = get_u16(b, 2704) as usize;
+        if n == 0 || n > MAX_GENERATIONS {
+            return Err(SuperblockError::Invalid(format!("lineage of {n} generations (1..={MAX_GENERATIONS})")));
+        }
+        let records: Vec<GenRecord> =
+            (0..n).map(|i| GenRecord::decode(&b[2712 + i * GEN_RECORD_LEN..2712 + (i + 1) * GEN_RECORD_LEN])).collect();
+        let l = Lineage::from_records(&records).map_err(|e| SuperblockError::Invalid(format!("lineage: {e}")))?;
+        if l.generation() != generation {
+            return Err(SuperblockError::Invalid(format!(
+                "group generation {generation} is not the lineage's current one ({})",
+                l.generation()
+            )));
+        }
+        (l, b[107])
+    };
+    if flags & !(FLAG_INCONSISTENT | FLAG_DISCARD_LOCAL) != 0 {
+        return Err(SuperblockError::Invalid(format!("unknown site flags {flags:#x}")));
+    }
+    Ok(SiteState {
+        role,
+        group_uuid,
+        lineage,
+        origin_floor: get_u64(b, 2696),
+        inconsistent: flags & FLAG_INCONSISTENT != 0,
+        discard_local: flags & FLAG_DISCARD_LOCAL != 0,
+    })
+}
 
 /// On-disk format version written by this build. Opening a log with a higher version
 /// is refused: its layout may mean something this build does not know.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Superblock magic: names the region as a dmrep log for `dmrep log dump` and for
 /// `auto`, which must not mistake arbitrary data for a log.
@@ -259,12 +304,16 @@ impl<'de> Deserialize<'de> for SlinkSet {
 /// | 96 | 8 | next_epoch | floor for the next epoch, so epochs keep increasing across restarts of an empty log |
 /// | 104 | 2 | cursor count u16 | rows used in the table below |
 /// | 106 | 1 | role u8: 1 primary, 2 secondary (version 2; version 1 reads as primary) | a site knows after a crash whether it may accept writes |
-/// | 107 | 5 | reserved, zero | |
+/// | 107 | 1 | site flags u8 (version 3): bit 0 inconsistent, bit 1 discard-local; other bits zero | see [`SiteState`] |
+/// | 108 | 4 | reserved, zero | |
 /// | 112 | 2560 | cursor table: 256 rows of (slink u16, applied_seq u64), sorted by slink | the highest seq each registered SLINK has durably applied |
 /// | 2672 | 16 | group uuid (version 2; version 1 reads as the log uuid) | every site of a group has the same; a peer of another group is refused |
-/// | 2688 | 8 | group generation u64 (version 2; version 1 reads as 1) | grows with every promotion; fences stale primaries |
+/// | 2688 | 8 | group generation u64 (version 2; version 1 reads as 1; version 3: the lineage's current one) | grows with every promotion; fences stale primaries |
 /// | 2696 | 8 | origin floor u64 | highest origin seq durable in this log before its head: what a secondary has received even when its log is empty |
-/// | 2704 | 1392 | reserved, zero | |
+/// | 2704 | 2 | lineage length u16 (version 3; 1..=8) | |
+/// | 2706 | 6 | reserved, zero | |
+/// | 2712 | 24 each | lineage records, oldest first ([`crate::lineage::GenRecord`]) | the generations this site was part of: fast failback and split-brain detection |
+/// | 2904 | 1192 | reserved, zero | |
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Superblock {
     /// Serialised as the usual hyphenated text.
@@ -320,12 +369,41 @@ pub struct SiteState {
     /// Serialised as the usual hyphenated text.
     #[serde(serialize_with = "uuid_text")]
     pub group_uuid: [u8; 16],
-    /// Grows with every promotion (1 for a new group).
-    pub generation: u64,
+    /// The generations of the group's history this site was part of, newest last; its
+    /// current generation grows with every promotion (1 for a new group).
+    pub lineage: Lineage,
     /// Highest origin seq (the primary's seq) this log held before its head: a secondary's
     /// "received" when every entry it received has been applied and dropped.
     pub origin_floor: u64,
+    /// The devices here are being copied outside write order (a resync from the primary,
+    /// after a failback or a discarded split brain): not a prefix state until it ends.
+    pub inconsistent: bool,
+    /// The operator chose to discard this site's writes since a split brain: the next
+    /// primary's history replaces them (`dmrep resolve --discard-local`).
+    pub discard_local: bool,
 }
+
+impl SiteState {
+    /// The group's generation as this site knows it.
+    pub fn generation(&self) -> u64 {
+        self.lineage.generation()
+    }
+
+    /// A primary of generation 1 of a new group.
+    pub fn new_primary(group_uuid: [u8; 16], nonce: u64) -> SiteState {
+        SiteState {
+            role: SiteRole::Primary,
+            group_uuid,
+            lineage: Lineage::first(nonce),
+            origin_floor: 0,
+            inconsistent: false,
+            discard_local: false,
+        }
+    }
+}
+
+const FLAG_INCONSISTENT: u8 = 1;
+const FLAG_DISCARD_LOCAL: u8 = 2;
 
 fn uuid_text<S: serde::Serializer>(u: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&uuid::Uuid::from_bytes(*u))
@@ -371,14 +449,20 @@ impl Superblock {
         put_u64(&mut b, 96, self.next_epoch);
         put_u16(&mut b, 104, self.cursors.len() as u16);
         b[106] = self.site.role as u8;
+        b[107] = (self.site.inconsistent as u8 * FLAG_INCONSISTENT) | (self.site.discard_local as u8 * FLAG_DISCARD_LOCAL);
         for (i, &(slink, seq)) in self.cursors.iter().enumerate() {
             let o = CURSOR_TABLE_OFF + i * CURSOR_ROW;
             put_u16(&mut b, o, slink);
             put_u64(&mut b, o + 2, seq);
         }
         b[2672..2688].copy_from_slice(&self.site.group_uuid);
-        put_u64(&mut b, 2688, self.site.generation);
+        put_u64(&mut b, 2688, self.site.generation());
         put_u64(&mut b, 2696, self.site.origin_floor);
+        let records = self.site.lineage.records();
+        put_u16(&mut b, 2704, records.len() as u16);
+        for (i, r) in records.iter().enumerate() {
+            r.encode(&mut b[2712 + i * GEN_RECORD_LEN..]);
+        }
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, 12, crc);
         b
@@ -431,17 +515,9 @@ impl Superblock {
             next_epoch: get_u64(b, 96),
             cursors,
             site: if version == 1 {
-                SiteState { role: SiteRole::Primary, group_uuid: uuid, generation: 1, origin_floor: 0 }
+                SiteState::new_primary(uuid, 0)
             } else {
-                let mut group_uuid = [0u8; 16];
-                group_uuid.copy_from_slice(&b[2672..2688]);
-                SiteState {
-                    role: SiteRole::from_u8(b[106])
-                        .ok_or_else(|| SuperblockError::Invalid(format!("unknown site role {}", b[106])))?,
-                    group_uuid,
-                    generation: get_u64(b, 2688),
-                    origin_floor: get_u64(b, 2696),
-                }
+                decode_site(b, version)?
             },
         };
         sb.validate().map_err(SuperblockError::Invalid)?;
@@ -465,7 +541,7 @@ impl Superblock {
         if self.head_pos >= self.ring_len || !self.head_pos.is_multiple_of(RECORD_ALIGN) {
             return Err(format!("head position {} outside the ring or unaligned", self.head_pos));
         }
-        if self.head_seq == 0 || self.generation == 0 || self.incarnation == 0 || self.site.generation == 0 {
+        if self.head_seq == 0 || self.generation == 0 || self.incarnation == 0 || self.site.generation() == 0 {
             return Err("head seq, generation, group generation and incarnation start at 1".into());
         }
         for (name, v) in [
@@ -474,7 +550,7 @@ impl Superblock {
             ("fence seq", self.fence_seq),
             ("head seq", self.head_seq),
             ("next epoch", self.next_epoch),
-            ("group generation", self.site.generation),
+            ("group generation", self.site.generation()),
             ("origin floor", self.site.origin_floor),
         ] {
             if v > MAX_COUNTER {
@@ -728,7 +804,14 @@ mod tests {
             head_seq: 9,
             next_epoch: 5,
             cursors: vec![(0, 8), (3, 12), (2047, 1)],
-            site: SiteState { role: SiteRole::Secondary, group_uuid: [4; 16], generation: 6, origin_floor: 77 },
+            site: SiteState {
+                role: SiteRole::Secondary,
+                group_uuid: [4; 16],
+                lineage: Lineage::first(5).promoted(6, 40),
+                origin_floor: 77,
+                inconsistent: true,
+                discard_local: false,
+            },
         }
     }
 
@@ -738,11 +821,14 @@ mod tests {
         let b = sb.encode();
         assert_eq!(b.len(), SB_SLOT_SIZE);
         assert_eq!(&b[0..8], b"DMREPLOG");
-        assert_eq!(get_u32(&b, 8), 2);
+        assert_eq!(get_u32(&b, 8), 3);
         assert_eq!(get_u64(&b, 56), 3);
         assert_eq!(b[106], 2, "role");
         assert_eq!(&b[2672..2688], &[4; 16], "group uuid");
-        assert_eq!(get_u64(&b, 2688), 6, "group generation");
+        assert_eq!(get_u64(&b, 2688), 2, "group generation");
+        assert_eq!(b[107], 1, "flags");
+        assert_eq!(get_u16(&b, 2704), 2, "lineage length");
+        assert_eq!(GenRecord::decode(&b[2736..2760]), GenRecord { generation: 2, nonce: 6, start: 40 });
         assert_eq!(get_u64(&b, 2696), 77, "origin floor");
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
     }
@@ -761,8 +847,8 @@ mod tests {
     #[test]
     fn superblock_version_checks() {
         let mut b = sample_sb().encode();
-        put_u32(&mut b, 8, 3);
-        assert_eq!(Superblock::decode(&b), Err(SuperblockError::NewerVersion { found: 3, supported: 2 }));
+        put_u32(&mut b, 8, 4);
+        assert_eq!(Superblock::decode(&b), Err(SuperblockError::NewerVersion { found: 4, supported: 3 }));
         put_u32(&mut b, 8, 0);
         assert_eq!(Superblock::decode(&b), Err(SuperblockError::VersionZero));
         assert_eq!(Superblock::decode(&[0u8; 4096]), Err(SuperblockError::NoMagic));
@@ -779,7 +865,17 @@ mod tests {
         let crc = crc_with_zeroed(&b, 12);
         put_u32(&mut b, 12, crc);
         let sb = Superblock::decode(&b).unwrap();
-        assert_eq!(sb.site, SiteState { role: SiteRole::Primary, group_uuid: [7; 16], generation: 1, origin_floor: 0 });
+        assert_eq!(sb.site, SiteState::new_primary([7; 16], 0));
+        // A version 2 superblock: its generation, as a lineage of one, no flags.
+        let mut b = sample_sb().encode();
+        put_u32(&mut b, 8, 2);
+        b[107] = 0;
+        b[2704..2904].fill(0);
+        put_u64(&mut b, 2688, 6);
+        let crc = crc_with_zeroed(&b, 12);
+        put_u32(&mut b, 12, crc);
+        let site = Superblock::decode(&b).unwrap().site;
+        assert_eq!((site.generation(), site.lineage.records().len(), site.inconsistent), (6, 1, false));
         // ... and an unknown role in a version 2 superblock is damage.
         let mut b = sample_sb().encode();
         b[106] = 9;

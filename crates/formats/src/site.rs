@@ -34,9 +34,12 @@
 //! version 1 and encodes every frame with it.
 //!
 //! Protocol versions (one line per version, what changed):
-//! - 1: first version (the `rejoin` kind, 10, was added before any release).
+//! - 1: first version (added before any release: the `rejoin` kind, 10; lineages in
+//!   `hello` and `welcome` instead of a bare generation, diverged regions in `welcome`,
+//!   the `promote`, `promoted` and `peers` kinds, 11..13, and the `split-brain` refusal).
 
 use crate::le::*;
+use crate::lineage::{GenRecord, Lineage, GEN_RECORD_LEN, MAX_GENERATIONS};
 use crate::replog::{MAX_COUNTER, MAX_SLINKS};
 use std::fmt;
 
@@ -250,6 +253,9 @@ wire_enum! {
         ResyncAck = 8 => "resync-ack",
         Goodbye = 9 => "goodbye",
         Rejoin = 10 => "rejoin",
+        Promote = 11 => "promote",
+        Promoted = 12 => "promoted",
+        Peers = 13 => "peers",
     }
 }
 
@@ -265,8 +271,10 @@ impl MessageKind {
     pub fn max_payload(self) -> u32 {
         use MessageKind::*;
         let n = match self {
-            Hello => 43 + 2 * MAX_NAME_LEN + MAX_DEVICES * DEVICE_LEN,
-            Welcome => 54 + MAX_NAME_LEN + MAX_DEVICES * DEVICE_LEN,
+            Hello => 35 + LINEAGE_MAX_LEN + 2 * MAX_NAME_LEN + MAX_DEVICES * DEVICE_LEN,
+            Welcome => 50 + LINEAGE_MAX_LEN + MAX_NAME_LEN + MAX_DEVICES * DEVICE_LEN + MAX_REGIONS * REGION_LEN,
+            Promote | Promoted => LINEAGE_MAX_LEN,
+            Peers => 2 + MAX_PEERS * (9 + MAX_NAME_LEN),
             Refused => 4 + MAX_REASON_LEN,
             Entries | ResyncData => MAX_PAYLOAD as usize,
             Ack | ResyncAck => 16,
@@ -310,6 +318,9 @@ wire_enum! {
         Busy = 8 => "busy",
         /// The secondary failed on its side; the reason says how.
         Internal = 9 => "internal",
+        /// Both sites accepted writes as primary from a common generation: never merged
+        /// automatically (`dmrep resolve --discard-local` at the losing site).
+        SplitBrain = 10 => "split-brain",
     }
 }
 
@@ -591,6 +602,17 @@ impl<'a> Reader<'a> {
         utf8(self.take(len)?, what)
     }
 
+    /// A lineage: count u8 (1..=8), then the records.
+    fn lineage(&mut self) -> Result<Lineage, WireError> {
+        let n = self.u8()? as usize;
+        if n == 0 || n > MAX_GENERATIONS {
+            return Err(WireError::TooMany { what: "lineage length", count: n, max: MAX_GENERATIONS });
+        }
+        let records: Vec<GenRecord> =
+            (0..n).map(|_| self.take(GEN_RECORD_LEN).map(GenRecord::decode)).collect::<Result<_, _>>()?;
+        Lineage::from_records(&records).map_err(|e| invalid("lineage", e))
+    }
+
     fn devices(&mut self) -> Result<Vec<DeviceInfo>, WireError> {
         let count = self.u16()? as usize;
         if count > MAX_DEVICES {
@@ -652,6 +674,15 @@ fn push_reason(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+fn push_lineage(out: &mut Vec<u8>, l: &Lineage) {
+    out.push(l.records().len() as u8);
+    for r in l.records() {
+        let mut b = [0u8; GEN_RECORD_LEN];
+        r.encode(&mut b);
+        out.extend_from_slice(&b);
+    }
+}
+
 fn push_devices(out: &mut Vec<u8>, devices: &[DeviceInfo]) {
     push_u16(out, devices.len() as u16);
     for d in devices {
@@ -691,10 +722,10 @@ pub struct DeviceInfo {
 /// | 29+g | 1 | site name length (1..=255) | |
 /// | 30+g | s | site name (the sender's), UTF-8 | for the secondary's logs and checks |
 /// | 30+g+s | 1 | role u8 ([`Role`]) | two primaries must not feed each other |
-/// | 31+g+s | 8 | generation u64 | the group's generation at the sender: a stale primary is refused |
-/// | 39+g+s | 2 | slink u16 (< 2048) | the SLINK number the secondary has at the sender; informational |
-/// | 41+g+s | 2 | device count u16 (at most 4096) | |
-/// | 43+g+s | 12 each | devices ([`DeviceInfo`]) | the secondary checks numbers and sizes before taking writes |
+/// | 31+g+s | 1+24n | lineage: count u8 (1..=8), then n [`GenRecord`]s | the sender's generations: a stale primary is refused, a newer one fences the receiver, a split brain is found |
+/// | 32+g+s+24n | 2 | slink u16 (< 2048) | the SLINK number the secondary has at the sender; informational |
+/// | 34+g+s+24n | 2 | device count u16 (at most 4096) | |
+/// | 36+g+s+24n | 12 each | devices ([`DeviceInfo`]) | the secondary checks numbers and sizes before taking writes |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub proto_min: u16,
@@ -704,7 +735,7 @@ pub struct Hello {
     pub group_uuid: [u8; 16],
     pub site: String,
     pub role: Role,
-    pub generation: u64,
+    pub lineage: Lineage,
     pub slink: u16,
     pub devices: Vec<DeviceInfo>,
 }
@@ -731,7 +762,7 @@ impl Hello {
         out.extend_from_slice(&self.group_uuid);
         push_name(out, &self.site);
         out.push(self.role as u8);
-        push_u64(out, self.generation);
+        push_lineage(out, &self.lineage);
         push_u16(out, self.slink);
         push_devices(out, &self.devices);
     }
@@ -745,7 +776,7 @@ impl Hello {
             group_uuid: r.uuid()?,
             site: r.name("site name")?,
             role: read_role(r)?,
-            generation: r.u64()?,
+            lineage: r.lineage()?,
             slink: r.u16()?,
             devices: r.devices()?,
         })
@@ -769,23 +800,26 @@ fn read_role(r: &mut Reader) -> Result<Role, WireError> {
 /// | 10 | 1 | site name length (1..=255) | |
 /// | 11 | s | site name (the sender's), UTF-8 | the primary checks it reached the site it meant |
 /// | 11+s | 1 | role u8 ([`Role`]) | |
-/// | 12+s | 8 | generation u64 | the highest group generation the secondary has seen |
-/// | 20+s | 16 | group uuid | |
-/// | 36+s | 8 | received u64 | highest origin seq durable in the secondary's log: shipping resumes after it |
-/// | 44+s | 8 | applied u64 | highest origin seq applied to its devices |
-/// | 52+s | 2 | device count u16 (at most 4096) | |
-/// | 54+s | 12 each | devices ([`DeviceInfo`]) | the secondary's view, for the primary's checks |
+/// | 12+s | 1+24n | lineage: count u8 (1..=8), then n [`GenRecord`]s | the secondary's generations (after it adopted the primary's) |
+/// | 13+s+24n | 16 | group uuid | |
+/// | 29+s+24n | 8 | received u64 | highest origin seq durable in the secondary's log: shipping resumes after it |
+/// | 37+s+24n | 8 | applied u64 | highest origin seq applied to its devices |
+/// | 45+s+24n | 2 | device count u16 (at most 4096) | |
+/// | 47+s+24n | 12 each | devices ([`DeviceInfo`]) | the secondary's view, for the primary's checks |
+/// | .. | 4 | diverged region count u32 (at most [`MAX_REGIONS`]) | |
+/// | .. | 20 each | regions ([`Region`]) the secondary wrote that the primary's history does not have (a failed-back old primary, a discarded split brain): the primary copies them back | fast failback without a full copy |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Welcome {
     pub proto: u16,
     pub features: u64,
     pub site: String,
     pub role: Role,
-    pub generation: u64,
+    pub lineage: Lineage,
     pub group_uuid: [u8; 16],
     pub received: u64,
     pub applied: u64,
     pub devices: Vec<DeviceInfo>,
+    pub diverged: Vec<Region>,
 }
 
 impl Welcome {
@@ -800,7 +834,11 @@ impl Welcome {
         check_name("site name", &self.site)?;
         counter("received seq", self.received)?;
         counter("applied seq", self.applied)?;
-        check_devices(&self.devices)
+        check_devices(&self.devices)?;
+        if self.diverged.len() > MAX_REGIONS {
+            return Err(WireError::TooMany { what: "diverged regions", count: self.diverged.len(), max: MAX_REGIONS });
+        }
+        self.diverged.iter().try_for_each(|g| range("diverged region", g.offset, g.len))
     }
 
     fn put(&self, out: &mut Vec<u8>) {
@@ -808,11 +846,17 @@ impl Welcome {
         push_u64(out, self.features);
         push_name(out, &self.site);
         out.push(self.role as u8);
-        push_u64(out, self.generation);
+        push_lineage(out, &self.lineage);
         out.extend_from_slice(&self.group_uuid);
         push_u64(out, self.received);
         push_u64(out, self.applied);
         push_devices(out, &self.devices);
+        push_u32(out, self.diverged.len() as u32);
+        for g in &self.diverged {
+            push_u32(out, g.dev_nr);
+            push_u64(out, g.offset);
+            push_u64(out, g.len);
+        }
     }
 
     fn read(r: &mut Reader) -> Result<Welcome, WireError> {
@@ -821,11 +865,18 @@ impl Welcome {
             features: r.u64()?,
             site: r.name("site name")?,
             role: read_role(r)?,
-            generation: r.u64()?,
+            lineage: r.lineage()?,
             group_uuid: r.uuid()?,
             received: r.u64()?,
             applied: r.u64()?,
             devices: r.devices()?,
+            diverged: {
+                let n = r.u32()? as usize;
+                if n > MAX_REGIONS {
+                    return Err(WireError::TooMany { what: "diverged regions", count: n, max: MAX_REGIONS });
+                }
+                (0..n).map(|_| Ok(Region { dev_nr: r.u32()?, offset: r.u64()?, len: r.u64()? })).collect::<Result<_, _>>()?
+            },
         })
     }
 }
@@ -1098,6 +1149,64 @@ pub struct Rejoin {
     pub seq: u64,
 }
 
+/// Largest encoded lineage (count byte and records).
+const LINEAGE_MAX_LEN: usize = 1 + MAX_GENERATIONS * GEN_RECORD_LEN;
+
+/// Most diverged regions a [`Welcome`] lists (a site with more merges neighbours, which
+/// copies a little more, never less).
+pub const MAX_REGIONS: usize = 1 << 16;
+
+/// Bytes of one encoded [`Region`].
+pub const REGION_LEN: usize = 20;
+
+/// Most sites a [`Peers`] frame lists.
+pub const MAX_PEERS: usize = 64;
+
+/// A byte range of one device of the group.
+///
+/// Byte layout (20 bytes): dev_nr u32 at 0, offset u64 at 4, len u64 at 12.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Region {
+    pub dev_nr: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Primary -> secondary, in a planned switchover once the secondary has every entry: it
+/// becomes the primary of the new generation (the last record of `lineage`, starting
+/// right after what it received). Answered by [`Promoted`] once durable there.
+///
+/// | off | len | field | why |
+/// |----:|----:|-------|-----|
+/// | 0 | 1+24n | lineage: count u8 (1..=8), then n [`GenRecord`]s | the group's lineage with the new generation last |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promote {
+    pub lineage: Lineage,
+}
+
+/// Secondary -> primary: it is the primary of the lineage's newest generation now.
+///
+/// | off | len | field | why |
+/// |----:|----:|-------|-----|
+/// | 0 | 1+24n | lineage: count u8 (1..=8), then n [`GenRecord`]s | as now persisted at the new primary |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promoted {
+    pub lineage: Lineage,
+}
+
+/// Primary -> secondary, from time to time, unanswered: how far each other site of the
+/// group has durably received. A secondary keeps in its log only the entries the others
+/// lack, so that if it becomes primary it ships them from its log (no copy).
+///
+/// | off | len | field | why |
+/// |----:|----:|-------|-----|
+/// | 0 | 2 | count u16 (at most 64) | |
+/// | 2 | per site | name length u8, name (UTF-8), received u64 | |
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peers {
+    pub positions: Vec<(String, u64)>,
+}
+
 /// One message of the site protocol: a frame's decoded payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -1111,6 +1220,9 @@ pub enum Message {
     ResyncAck(ResyncAck),
     Goodbye(Goodbye),
     Rejoin(Rejoin),
+    Promote(Promote),
+    Promoted(Promoted),
+    Peers(Peers),
 }
 
 impl Message {
@@ -1126,6 +1238,9 @@ impl Message {
             Message::ResyncAck(_) => MessageKind::ResyncAck,
             Message::Goodbye(_) => MessageKind::Goodbye,
             Message::Rejoin(_) => MessageKind::Rejoin,
+            Message::Promote(_) => MessageKind::Promote,
+            Message::Promoted(_) => MessageKind::Promoted,
+            Message::Peers(_) => MessageKind::Peers,
         }
     }
 
@@ -1149,6 +1264,13 @@ impl Message {
             Message::ResyncAck(a) => range("resync ack", a.offset, a.len as u64),
             Message::Goodbye(g) => check_reason("goodbye reason", &g.reason),
             Message::Rejoin(r) => counter("rejoin seq", r.seq),
+            Message::Promote(_) | Message::Promoted(_) => Ok(()),
+            Message::Peers(p) => {
+                if p.positions.len() > MAX_PEERS {
+                    return Err(WireError::TooMany { what: "peer count", count: p.positions.len(), max: MAX_PEERS });
+                }
+                p.positions.iter().try_for_each(|(n, v)| check_name("peer site", n).and(counter("peer received", *v)))
+            }
         }
     }
 
@@ -1213,6 +1335,15 @@ impl Message {
             }
             Message::Goodbye(g) => push_reason(out, &g.reason),
             Message::Rejoin(r) => push_u64(out, r.seq),
+            Message::Promote(p) => push_lineage(out, &p.lineage),
+            Message::Promoted(p) => push_lineage(out, &p.lineage),
+            Message::Peers(p) => {
+                push_u16(out, p.positions.len() as u16);
+                for (n, v) in &p.positions {
+                    push_name(out, n);
+                    push_u64(out, *v);
+                }
+            }
         }
     }
 
@@ -1249,6 +1380,16 @@ impl Message {
             }
             MessageKind::Goodbye => Message::Goodbye(Goodbye { reason: r.reason("goodbye reason")? }),
             MessageKind::Rejoin => Message::Rejoin(Rejoin { seq: r.u64()? }),
+            MessageKind::Promote => Message::Promote(Promote { lineage: r.lineage()? }),
+            MessageKind::Promoted => Message::Promoted(Promoted { lineage: r.lineage()? }),
+            MessageKind::Peers => {
+                let n = r.u16()? as usize;
+                if n > MAX_PEERS {
+                    return Err(WireError::TooMany { what: "peer count", count: n, max: MAX_PEERS });
+                }
+                let positions = (0..n).map(|_| Ok((r.name("peer site")?, r.u64()?))).collect::<Result<_, _>>()?;
+                Message::Peers(Peers { positions })
+            }
         };
         r.finish()?;
         m.validate()?;
@@ -1295,7 +1436,7 @@ mod tests {
             group_uuid: [0xab; 16],
             site: "paris".into(),
             role: Role::Primary,
-            generation: 7,
+            lineage: Lineage::first(3).promoted(9, 50),
             slink: 3,
             devices: vec![DeviceInfo { dev_nr: 0, bytes: 1 << 30 }, DeviceInfo { dev_nr: 2, bytes: 4096 }],
         }
@@ -1307,11 +1448,12 @@ mod tests {
             features: features::LZ4,
             site: "lyon-é".into(),
             role: Role::Secondary,
-            generation: 7,
+            lineage: Lineage::first(3).promoted(9, 50),
             group_uuid: [0xab; 16],
             received: 100,
             applied: 90,
             devices: hello().devices,
+            diverged: vec![Region { dev_nr: 0, offset: 4096, len: 65536 }],
         }
     }
 
@@ -1394,9 +1536,21 @@ mod tests {
         let devices: Vec<_> = (0..MAX_DEVICES as u32).map(|n| DeviceInfo { dev_nr: n, bytes: u64::MAX }).collect();
         let name = "n".repeat(MAX_NAME_LEN);
         let reason = "r".repeat(MAX_REASON_LEN);
+        let lineage = (0..20).fold(Lineage::first(1), |l, i| l.promoted(i, 10 * (i + 1)));
+        let diverged = vec![Region { dev_nr: 1, offset: 0, len: 1 }; MAX_REGIONS];
+        let peers = (0..MAX_PEERS).map(|i| (format!("{i:0>255}"), 5)).collect();
         let largest = [
-            Message::Hello(Hello { group_name: name.clone(), site: name.clone(), devices: devices.clone(), ..hello() }),
-            Message::Welcome(Welcome { site: name, devices, ..welcome() }),
+            Message::Hello(Hello {
+                group_name: name.clone(),
+                site: name.clone(),
+                devices: devices.clone(),
+                lineage,
+                ..hello()
+            }),
+            Message::Welcome(Welcome { site: name, devices, lineage, diverged, ..welcome() }),
+            Message::Promote(Promote { lineage }),
+            Message::Promoted(Promoted { lineage }),
+            Message::Peers(Peers { positions: peers }),
             Message::Refused(Refused { code: RefuseCode::Internal, reason: reason.clone() }),
             Message::Ack(Ack { received: 0, applied: 0 }),
             Message::Heartbeat(Heartbeat { time_us: 0, last_seq: 0, durable: 0 }),
@@ -1477,7 +1631,7 @@ mod tests {
             "protocol version 2 is not supported (this build speaks 1 to 1)"
         );
         assert_eq!(patched(6, 0), Err(WireError::UnknownKind(0)));
-        assert_eq!(patched(6, 11), Err(WireError::UnknownKind(11)));
+        assert_eq!(patched(6, 14), Err(WireError::UnknownKind(14)));
         assert_eq!(patched(8, 2), Err(WireError::UnknownFlags(2)));
         assert_eq!(patched(8, 0x8001), Err(WireError::UnknownFlags(0x8001)));
         assert_eq!(patched(10, 1), Err(WireError::Reserved { what: "frame header" }));
@@ -1562,14 +1716,14 @@ mod tests {
         put_u16(&mut b, 0, 2); // proto_min 2 > proto_max 1
         assert!(matches!(decode_body(MessageKind::Hello, &b), Err(WireError::Invalid { what: "hello", .. })));
         let mut b = body.clone();
-        put_u16(&mut b, 47, 2048); // slink
+        put_u16(&mut b, 88, 2048); // slink (after the lineage: 1 + 2 * 24 bytes at 39)
         assert!(matches!(decode_body(MessageKind::Hello, &b), Err(WireError::Invalid { what: "hello", .. })));
         let mut b = body.clone();
-        put_u16(&mut b, 49, 4097); // device count
+        put_u16(&mut b, 90, 4097); // device count
         let e = decode_body(MessageKind::Hello, &b).unwrap_err();
         assert_eq!(e, WireError::TooMany { what: "device count", count: 4097, max: MAX_DEVICES });
         let mut b = body.clone();
-        put_u32(&mut b, 51 + 12, 0); // second device number equal to the first
+        put_u32(&mut b, 92 + 12, 0); // second device number equal to the first
         assert!(matches!(decode_body(MessageKind::Hello, &b), Err(WireError::Invalid { what: "device list", .. })));
         // A hello may offer features this build does not know; a welcome may not agree to them.
         let m = Message::Hello(Hello { features: u64::MAX, ..hello() });
@@ -1578,7 +1732,7 @@ mod tests {
         put_u64(&mut b, 2, 4);
         assert!(matches!(decode_body(MessageKind::Welcome, &b), Err(WireError::Invalid { what: "welcome", .. })));
 
-        assert_eq!(decode_body(MessageKind::Refused, &[10, 0, 0, 0]), Err(WireError::UnknownRefuseCode(10)));
+        assert_eq!(decode_body(MessageKind::Refused, &[11, 0, 0, 0]), Err(WireError::UnknownRefuseCode(11)));
         let mut b = [0u8; 16];
         put_u64(&mut b, 0, MAX_COUNTER + 1);
         let e = decode_body(MessageKind::Ack, &b).unwrap_err();
@@ -1716,7 +1870,7 @@ mod tests {
             any::<[u8; 16]>(),
             "[a-z0-9.-]{1,255}",
             any::<bool>(),
-            any::<u64>(),
+            (any::<u64>(), 1u64..1000, 0usize..4),
             0u16..2048,
             devices,
         )
@@ -1730,7 +1884,8 @@ mod tests {
                     group_uuid,
                     site,
                     role: if primary { Role::Primary } else { Role::Secondary },
-                    generation,
+                    lineage: (0..generation.2)
+                        .fold(Lineage::first(generation.0), |l, i| l.promoted(i as u64, generation.1 * (i as u64 + 1))),
                     slink,
                     devices,
                 },
@@ -1753,7 +1908,7 @@ mod tests {
         }
 
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400), kind in 1u16..=9) {
+        fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400), kind in 1u16..=13) {
             let _ = decode_frame(&b);
             let _ = split_compressed(&b);
             if let Ok(m) = Message::decode(&raw_header(MessageKind::from_u16(kind).unwrap()), &b) {

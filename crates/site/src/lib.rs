@@ -14,6 +14,7 @@
 //! A site name is what a site's certificate carries as its DNS subject alternative
 //! name, and what a peer is checked against: see [`check_site_name`].
 
+pub mod board;
 pub mod frames;
 pub mod net;
 pub mod pki;

@@ -10,10 +10,17 @@
 //! Connecting is the group's `probe`: TCP, mutual TLS (the peer must present the
 //! certificate of the site the table names), then `hello`/`welcome`. The welcome says
 //! what the secondary has durably received; entries up to it are not sent again, so a
-//! reconnect resumes where the secondary is, with no full copy. A secondary that has
-//! less than this site recorded as durable there lost acknowledged entries (its log was
-//! recreated): the link is refused with that reason, and a full resync is the operator's
-//! call (`dmrep message GROUP 0 invalidate N`).
+//! reconnect resumes where the secondary is, with no full copy. The hello carries this
+//! site's lineage (see `dmrep_formats::lineage`): a secondary of an older generation
+//! adopts it; one whose history went further than ours (an old primary failing back, a
+//! discarded split brain) lists the regions it wrote past the common point, and the
+//! group copies those back (with what it wrote since) instead of shipping in order. A
+//! secondary that lacks entries this log no longer holds (its log was recreated, or it
+//! fell further behind than a standby log kept) gets a full resync, with a warning.
+//!
+//! Refusals that concern the group, not the link, reach it as news: a site of a newer
+//! generation fences this one; a split brain is reported. At a secondary the handler
+//! stands by: it connects to nobody.
 //!
 //! A link that answers nothing for the SLINK's `timeout` is down: `apply` fails, the
 //! group marks the SLINK inaccessible and probes (reconnects) with backoff, and its
@@ -27,13 +34,17 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use dmrep_core::{Claim, TargetError};
+use dmrep_formats::lineage::{relate, Lineage, Relation};
 use dmrep_formats::replicator_table::net::{Compress, NetParams};
 use dmrep_formats::replog::SiteRole;
 use dmrep_formats::site::{
-    self, Compression, DeviceInfo, EntryBatch, Heartbeat, Hello, Message, Rejoin, ResyncData, Role, WireEntry, WireKind,
+    self, Compression, DeviceInfo, EntryBatch, Heartbeat, Hello, Message, Peers, Promote, RefuseCode, Rejoin,
+    ResyncData, Role, WireEntry, WireKind,
 };
 use dmrep_targets::replicator::log::{EntryKind, RingLog};
-use dmrep_targets::replicator::slink::{ApplyEntry, LinkSetup, SlinkHandler, Transport};
+use dmrep_targets::replicator::slink::{ApplyEntry, LinkNews, LinkSetup, SlinkHandler, Transport};
+
+use crate::board::{Board, Boards};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::frames;
@@ -43,13 +54,18 @@ use crate::tls::{SiteTls, TlsReader, TlsWriter};
 /// Builds `net` SLINK handlers for this daemon's site.
 pub struct NetTransport {
     tls: Arc<SiteTls>,
+    boards: Arc<Boards>,
 }
 
 impl NetTransport {
-    pub fn new(tls: Arc<SiteTls>) -> NetTransport {
-        NetTransport { tls }
+    /// `boards`: shared with this daemon's receiver (what each site has received).
+    pub fn new(tls: Arc<SiteTls>, boards: Arc<Boards>) -> NetTransport {
+        NetTransport { tls, boards }
     }
 }
+
+/// How often, at most, a primary tells a secondary where the other sites are.
+const PEERS_EVERY: Duration = Duration::from_millis(200);
 
 impl Transport for NetTransport {
     fn create(&self, setup: LinkSetup<'_>) -> Result<Arc<dyn SlinkHandler>, TargetError> {
@@ -72,6 +88,9 @@ impl Transport for NetTransport {
             devs: RwLock::new(BTreeSet::new()),
             conn: Mutex::new(None),
             stats: Mutex::new(LinkStats::default()),
+            board: self.boards.of(setup.group),
+            news: Mutex::new(None),
+            peers_sent: Mutex::new(None),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
         });
@@ -124,6 +143,13 @@ pub struct NetSlink {
     conn: Mutex<Option<Conn>>,
     stats: Mutex<LinkStats>,
     bucket: Option<Mutex<TokenBucket>>,
+    /// What each site of the group has received.
+    board: Arc<Board>,
+    /// What the group must act on (see [`LinkNews`]), and whether shipping must wait for
+    /// it (a resync the site needs: nothing ships in order until the group took it).
+    news: Mutex<Option<(LinkNews, bool)>>,
+    /// When the last `peers` frame went out.
+    peers_sent: Mutex<Option<Instant>>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
 }
@@ -151,6 +177,12 @@ impl NetSlink {
         if site.role != SiteRole::Primary {
             return Err(other(format!("group {} is a {} here: it ships nothing", self.group, site.role.name())));
         }
+        if site.inconsistent {
+            return Err(other(format!(
+                "group {} here is being resynchronised itself: not a consistent source",
+                self.group
+            )));
+        }
         let devices: Vec<DeviceInfo> =
             self.devs.read().iter().map(|d| DeviceInfo { dev_nr: *d, bytes: self.dev_bytes }).collect();
         let features = match self.params.compress {
@@ -166,7 +198,7 @@ impl NetSlink {
             group_uuid: site.group_uuid,
             site: self.tls.site().to_string(),
             role: Role::Primary,
-            generation: site.generation,
+            lineage: site.lineage,
             slink: self.slink,
             devices,
         });
@@ -174,7 +206,13 @@ impl NetSlink {
         let welcome = match frames::read(&mut r) {
             Ok((Message::Welcome(w), _)) => w,
             Ok((Message::Refused(f), _)) => {
-                return Err(other(format!("{} refused group {}: {} ({})", self.who(), self.group, f.reason, f.code)))
+                let why = format!("{} refused group {}: {} ({})", self.who(), self.group, f.reason, f.code);
+                match f.code {
+                    RefuseCode::StaleGeneration => self.tell(LinkNews::Fenced(why.clone()), false),
+                    RefuseCode::SplitBrain => self.tell(LinkNews::SplitBrain(why.clone()), false),
+                    _ => {}
+                }
+                return Err(other(why));
             }
             Ok((m, _)) => return Err(other(format!("{} answered hello with {}", self.who(), m.kind()))),
             Err(e) => return Err(other(format!("{}: no welcome: {e}", self.who()))),
@@ -182,26 +220,27 @@ impl NetSlink {
         if welcome.group_uuid != site.group_uuid {
             return Err(other(format!("{} belongs to another group of the same name", self.who())));
         }
-        if welcome.generation > site.generation {
-            return Err(other(format!(
-                "{} knows generation {} of group {}, newer than ours ({}): this site is not its primary any more",
-                self.who(),
-                welcome.generation,
-                self.group,
-                site.generation
-            )));
+        match relate(&site.lineage, &welcome.lineage) {
+            Relation::Same => {}
+            Relation::PeerNewer { .. } => {
+                let why = format!(
+                    "{} follows generation {} of group {}, newer than ours ({}): this site is not its primary any more",
+                    self.who(),
+                    welcome.lineage.generation(),
+                    self.group,
+                    site.generation()
+                );
+                self.tell(LinkNews::Fenced(why.clone()), false);
+                return Err(other(why));
+            }
+            r => {
+                return Err(other(format!(
+                    "{} answered with a lineage that is not ours ({r:?}): not following this primary",
+                    self.who()
+                )))
+            }
         }
-        let cursor = self.log.cursor(self.slink).unwrap_or(0);
-        if welcome.received < cursor {
-            return Err(other(format!(
-                "{} has received up to seq {} but acknowledged up to {cursor}: its log lost entries it had made \
-                 durable; its copy needs a full resync (dmrep message {} 0 invalidate {})",
-                self.who(),
-                welcome.received,
-                self.group,
-                self.slink
-            )));
-        }
+        self.check_position(&welcome)?;
         let compression = if welcome.features & site::features::ZSTD != 0 {
             Compression::Zstd
         } else if welcome.features & site::features::LZ4 != 0 {
@@ -221,6 +260,65 @@ impl NetSlink {
             compression,
             last_used: Instant::now(),
         })
+    }
+
+    /// Record news for the group; `hold`: nothing ships until the group took it.
+    fn tell(&self, news: LinkNews, hold: bool) {
+        *self.news.lock() = Some((news, hold));
+    }
+
+    /// Where the secondary stands against this log: a history that went past the common
+    /// point (diverged regions listed), or a gap this log cannot fill, means a resync.
+    fn check_position(&self, w: &site::Welcome) -> io::Result<()> {
+        let tail = self.log.received();
+        if !w.diverged.is_empty() {
+            let bytes: u64 = w.diverged.iter().map(|r| r.len).sum();
+            let why = format!(
+                "{} replaced its history after seq {} with ours: {} regions ({bytes} bytes) it wrote are copied back",
+                self.who(),
+                w.received,
+                w.diverged.len()
+            );
+            self.tell(LinkNews::Resync { after: w.received, regions: w.diverged.clone(), full: false, why }, true);
+            return Ok(());
+        }
+        if w.received > tail {
+            return Err(other(format!(
+                "{} has history seq {} beyond ours ({tail}) in the same generation: refusing to ship",
+                self.who(),
+                w.received
+            )));
+        }
+        // The first entry this SLINK still needs must follow what the site has.
+        let Some(cursor) = self.log.cursor(self.slink) else { return Ok(()) };
+        let first = self.log.entries_from(cursor + 1, 1).first().map_or(tail + 1, |e| e.origin_seq);
+        if w.received + 1 < first {
+            let why = format!(
+                "{} has received up to seq {} but this log holds only from seq {first} on: a full resync",
+                self.who(),
+                w.received
+            );
+            tracing::warn!(group = %self.group, slink = self.slink, "{why}");
+            self.tell(LinkNews::Resync { after: w.received, regions: Vec::new(), full: true, why }, true);
+        }
+        Ok(())
+    }
+
+    /// Tell the secondary where the other sites are, at most every [`PEERS_EVERY`].
+    fn send_peers(&self, slot: &mut Option<Conn>) -> io::Result<()> {
+        {
+            let mut last = self.peers_sent.lock();
+            if last.is_some_and(|t| t.elapsed() < PEERS_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let mut positions = self.board.others(&self.params.site);
+        positions.truncate(site::MAX_PEERS);
+        if positions.is_empty() {
+            return Ok(());
+        }
+        self.send(slot, &Message::Peers(Peers { positions }), 0)
     }
 
     /// Send `msg` (rate-capped); bytes counted. Errors drop the connection.
@@ -260,6 +358,7 @@ impl NetSlink {
                     }
                     if let Message::Ack(a) = &m {
                         c.received = c.received.max(a.received);
+                        self.board.set(&self.params.site, c.received);
                         while let Some(&(last, upto, t0)) = c.pending.front() {
                             if last > c.received {
                                 break;
@@ -312,12 +411,19 @@ impl NetSlink {
     fn ensure(&self, slot: &mut Option<Conn>) -> io::Result<()> {
         if slot.is_none() {
             match self.connect() {
-                Ok(c) => *slot = Some(c),
+                Ok(c) => {
+                    self.board.forget(&self.params.site);
+                    self.board.set(&self.params.site, c.received);
+                    *slot = Some(c)
+                }
                 Err(e) => {
                     self.stats.lock().last_error = Some(e.to_string());
                     return Err(e);
                 }
             }
+        }
+        if self.news.lock().as_ref().is_some_and(|(_, hold)| *hold) {
+            return Err(other(format!("{} needs a resync first", self.who())));
         }
         Ok(())
     }
@@ -356,11 +462,20 @@ fn heartbeats(link: Weak<NetSlink>) {
         if !idle {
             continue;
         }
+        if l.log.site().role != SiteRole::Primary {
+            // Demoted: this link ships nothing any more.
+            if let Some(c) = slot.take() {
+                c.w.shutdown();
+            }
+            continue;
+        }
         let now_us = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-        let last = l.log.stats().next_seq.saturating_sub(1);
-        let durable = l.log.cursor(l.slink).unwrap_or(0);
+        let last = l.log.received();
+        let durable = slot.as_ref().map_or(0, |c| c.received);
         let hb = Message::Heartbeat(Heartbeat { time_us: now_us, last_seq: last, durable });
-        let _ = l.exchange(&mut slot, &hb, 0, |_, m| matches!(m, Message::Heartbeat(_)));
+        if l.send_peers(&mut slot).is_ok() {
+            let _ = l.exchange(&mut slot, &hb, 0, |_, m| matches!(m, Message::Heartbeat(_)));
+        }
     }
 }
 
@@ -456,6 +571,7 @@ impl SlinkHandler for NetSlink {
                 };
                 let raw: u64 = fresh.iter().map(|e| e.data.len() as u64).sum();
                 self.send(&mut slot, &Message::Entries(batch), raw)?;
+                self.send_peers(&mut slot)?;
                 slot.as_mut().expect("connected").pending.push_back((fresh_last, last, Instant::now()));
             }
         }
@@ -549,5 +665,34 @@ impl SlinkHandler for NetSlink {
 
     fn device_path(&self, dev_nr: u32) -> Option<String> {
         self.has_device(dev_nr).then(|| format!("{}:{dev_nr}", self.params.site))
+    }
+
+    fn peer_site(&self) -> Option<String> {
+        Some(self.params.site.clone())
+    }
+
+    fn hand_over(&self, lineage: Lineage) -> io::Result<Lineage> {
+        let mut slot = self.conn.lock();
+        self.ensure(&mut slot)?;
+        if slot.as_ref().is_some_and(|c| !c.pending.is_empty()) {
+            self.read_until(&mut slot, |c, _| c.pending.is_empty())?;
+        }
+        let mut got = None;
+        self.exchange(&mut slot, &Message::Promote(Promote { lineage }), 0, |_, m| match m {
+            Message::Promoted(p) => {
+                got = Some(p.lineage);
+                true
+            }
+            _ => false,
+        })?;
+        // The session ends: the new primary connects to this site when it ships.
+        if let Some(c) = slot.take() {
+            c.w.shutdown();
+        }
+        got.ok_or_else(|| other(format!("{} did not confirm its promotion", self.who())))
+    }
+
+    fn take_news(&self) -> Option<LinkNews> {
+        self.news.lock().take().map(|(n, _)| n)
     }
 }

@@ -26,17 +26,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dmrep_core::{Completion, IoSink, Op, Request};
-use dmrep_formats::replicator_table::net::NetParams;
+use dmrep_formats::lineage::{relate, Relation};
 use dmrep_formats::replog::SiteRole;
 use dmrep_formats::site::{
-    self, Ack, Compression, DeviceInfo, EntryBatch, Goodbye, Heartbeat, Hello, Message, RefuseCode, Refused, ResyncAck,
-    Role, Welcome, WireKind,
+    self, Ack, Compression, DeviceInfo, EntryBatch, Goodbye, Heartbeat, Hello, Message, Promoted, RefuseCode, Refused,
+    Region, ResyncAck, Role, Welcome, WireKind,
 };
-use dmrep_targets::replicator::group::Group;
+use dmrep_targets::replicator::group::{Group, GroupError};
 use dmrep_targets::replicator::log::Origin;
 use dmrep_targets::replicator::target::SiteGroup;
 use parking_lot::{Condvar, Mutex};
 
+use crate::board::{Board, Boards};
 use crate::frames;
 use crate::tls::{SiteTls, TlsReader, TlsWriter};
 
@@ -64,7 +65,15 @@ struct Sessions {
 }
 
 /// Accept site connections on `listener` until `stop` is set (checked every 200 ms).
-pub fn serve(listener: TcpListener, tls: Arc<SiteTls>, lookup: Lookup, stop: Arc<AtomicBool>) -> io::Result<()> {
+/// `boards` is shared with this daemon's `net` transport: where each site of a group
+/// stands, as the primary says.
+pub fn serve(
+    listener: TcpListener,
+    tls: Arc<SiteTls>,
+    lookup: Lookup,
+    boards: Arc<Boards>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let sessions = Arc::new(Sessions::default());
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -77,9 +86,10 @@ pub fn serve(listener: TcpListener, tls: Arc<SiteTls>, lookup: Lookup, stop: Arc
                     continue;
                 }
                 let (tls, lookup, sessions, mine) = (tls.clone(), lookup.clone(), sessions.clone(), active.clone());
+                let boards = boards.clone();
                 let spawned = std::thread::Builder::new().name(format!("site-{addr}")).spawn(move || {
                     match tcp.set_nonblocking(false) {
-                        Ok(()) => connection(tcp, &tls, &lookup, &sessions),
+                        Ok(()) => connection(tcp, &tls, &lookup, &sessions, &boards),
                         Err(e) => tracing::warn!(%addr, "site connection: {e}"),
                     }
                     mine.fetch_sub(1, Ordering::SeqCst);
@@ -99,7 +109,7 @@ pub fn serve(listener: TcpListener, tls: Arc<SiteTls>, lookup: Lookup, stop: Arc
     Ok(())
 }
 
-fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Sessions) {
+fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Sessions, boards: &Boards) {
     let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let (stream, peer) = match tls.accept(tcp, HANDSHAKE_TIMEOUT) {
         Ok(s) => s,
@@ -123,7 +133,7 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
             return;
         }
     };
-    let (sg, version) = match admit(&hello, &peer, lookup) {
+    let Admitted { sg, version, diverged } = match admit(&hello, &peer, lookup) {
         Ok(x) => x,
         Err((code, reason)) => {
             refuse(&w, &addr, code, reason);
@@ -131,6 +141,7 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
         }
     };
     let group = sg.group;
+    let board = boards.of(&hello.group_name);
     let id = sessions.next.fetch_add(1, Ordering::Relaxed);
     sessions.current.lock().insert(hello.group_name.clone(), id);
     let site = group.site();
@@ -140,11 +151,12 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
         features: hello.features & site::KNOWN_FEATURES,
         site: tls.site().to_string(),
         role: Role::Secondary,
-        generation: site.generation,
+        lineage: site.lineage,
         group_uuid: site.group_uuid,
         received: group.received(),
         applied: group.applied_origin(),
         devices,
+        diverged,
     });
     if frames::send(&w, &welcome, Compression::None).is_err() {
         return;
@@ -156,7 +168,8 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
         f.last_heard = Some(SystemTime::now());
         f.last_error = None;
     });
-    let end = follow(&group, sg.dev_bytes, &w, &mut r, || sessions.current.lock().get(&hello.group_name) == Some(&id));
+    let link = Link { group: &group, dev_bytes: sg.dev_bytes, primary: &peer, board: &board };
+    let end = follow(&link, &w, &mut r, || sessions.current.lock().get(&hello.group_name) == Some(&id));
     tracing::info!(group = %hello.group_name, primary = %peer, "primary link ended: {end}");
     if sessions.current.lock().get(&hello.group_name) == Some(&id) {
         group.update_following(|f| {
@@ -188,8 +201,19 @@ fn refuse(w: &TlsWriter, addr: &str, code: RefuseCode, reason: String) {
     w.shutdown();
 }
 
-/// Check a hello against this site; the group and protocol version, or the refusal.
-fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<(SiteGroup, u16), (RefuseCode, String)> {
+/// A hello admitted: the group, the protocol version, and the regions this site wrote
+/// past the history it now shares with the primary (copied back by the primary).
+struct Admitted {
+    sg: SiteGroup,
+    version: u16,
+    diverged: Vec<Region>,
+}
+
+/// Check a hello against this site and settle the two histories: a primary of an older
+/// generation is refused; one of a newer generation fences this site if it is a primary
+/// and makes it follow (its writes past the common history discarded and reported); a
+/// split brain is refused and reported unless the operator chose to discard this side.
+fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<Admitted, (RefuseCode, String)> {
     let version = site::negotiate(site::PROTO_MIN, site::PROTO_MAX, hello.proto_min, hello.proto_max).ok_or((
         RefuseCode::BadVersion,
         format!(
@@ -202,34 +226,25 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<(SiteGroup, u16),
     ))?;
     let name = &hello.group_name;
     let sg = lookup(name).ok_or((RefuseCode::UnknownGroup, format!("no group named {name} runs at this site")))?;
-    let here = sg.group.site();
-    if here.role != SiteRole::Secondary {
-        return Err((
-            RefuseCode::NotSecondary,
-            format!("group {name} is the {} here, not a secondary", here.role.name()),
-        ));
-    }
+    let group = &sg.group;
     if hello.site != peer {
         return Err((
             RefuseCode::WrongSite,
             format!("the peer claims to be site '{}' but its certificate is for site '{peer}'", hello.site),
         ));
     }
-    let peers: Vec<String> =
-        sg.peers.iter().filter_map(|(nr, p)| NetParams::parse(*nr, p).ok()).map(|p| p.site).collect();
-    if !peers.iter().any(|p| p == peer) {
-        return Err((
-            RefuseCode::WrongSite,
-            format!("site '{peer}' is not a peer of group {name} here (its table names: {})", peers.join(", ")),
-        ));
-    }
+    let towards = group.slink_of_site(peer).ok_or_else(|| {
+        (RefuseCode::WrongSite, format!("site '{peer}' is not a peer of group {name} here (no slink names it)"))
+    })?;
     if hello.role != Role::Primary {
         return Err((
             RefuseCode::NotSecondary,
             format!("site '{peer}' connects as a {}, not as the primary", hello.role),
         ));
     }
-    if here.group_uuid != [0; 16] && here.group_uuid != hello.group_uuid {
+    let here = group.site();
+    let new_secondary = here.group_uuid == [0; 16];
+    if !new_secondary && here.group_uuid != hello.group_uuid {
         return Err((
             RefuseCode::WrongGroupUuid,
             format!(
@@ -239,16 +254,7 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<(SiteGroup, u16),
             ),
         ));
     }
-    if hello.generation < here.generation {
-        return Err((
-            RefuseCode::StaleGeneration,
-            format!(
-                "site '{peer}' is a primary of generation {}, but this site follows generation {}: it was replaced",
-                hello.generation, here.generation
-            ),
-        ));
-    }
-    let ours = sg.group.device_numbers();
+    let ours = group.device_numbers();
     for d in &hello.devices {
         if !ours.contains(&d.dev_nr) {
             return Err((
@@ -263,17 +269,74 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<(SiteGroup, u16),
             ));
         }
     }
-    if here.group_uuid == [0; 16] || hello.generation > here.generation {
-        sg.group
-            .set_site(|s| {
-                s.group_uuid = hello.group_uuid;
-                s.generation = hello.generation;
-            })
-            .map_err(|e| (RefuseCode::Internal, format!("cannot record the group's identity: {e}")))?;
-        tracing::info!(group = %name, uuid = %uuid_text(&hello.group_uuid), generation = hello.generation, primary = %peer,
-            "group identity recorded");
+    let internal = |e: GroupError| (RefuseCode::Internal, format!("group {name}: {e}"));
+    let primary_here = here.role == SiteRole::Primary;
+    // Where our history leaves the primary's (None: it does not).
+    let common = match (new_secondary, relate(&here.lineage, &hello.lineage)) {
+        (true, _) => None,
+        (false, Relation::Same) if primary_here => {
+            return Err((
+                RefuseCode::NotSecondary,
+                format!("group {name} is the primary of the same generation here: two primaries cannot feed each other"),
+            ))
+        }
+        (false, Relation::Same) => None,
+        (false, Relation::PeerOlder) => {
+            return Err((
+                RefuseCode::StaleGeneration,
+                format!(
+                    "site '{peer}' is a primary of generation {}, but this site {} generation {}: it was replaced",
+                    hello.lineage.generation(),
+                    if primary_here { "is the primary of" } else { "follows" },
+                    here.generation()
+                ),
+            ))
+        }
+        (false, Relation::PeerNewer { common }) => Some(common),
+        (false, Relation::SplitBrain { common }) if here.discard_local => Some(common),
+        (false, Relation::SplitBrain { common }) => {
+            let why = format!(
+                "site '{peer}' accepted writes as the primary of generation {} while this site {} generation {}; \
+                 both went on from the history up to seq {common}",
+                hello.lineage.generation(),
+                if primary_here { "is the primary of" } else { "follows" },
+                here.generation()
+            );
+            group.set_split_brain(Some(why.clone()));
+            return Err((RefuseCode::SplitBrain, why));
+        }
+        (false, Relation::Unrelated) => {
+            return Err((
+                RefuseCode::WrongGroupUuid,
+                format!("site '{peer}' and this site have no generation of group {name} in common"),
+            ))
+        }
+    };
+    let mut diverged = Vec::new();
+    if let Some(common) = common {
+        if primary_here {
+            group.fence(format!("site '{peer}' is the primary of generation {}", hello.lineage.generation()));
+        }
+        if group.received() > common || here.discard_local {
+            diverged = group.discard_history(common, Some(towards)).map_err(internal)?;
+        }
     }
-    Ok((sg, version))
+    if new_secondary || common.is_some() {
+        let inconsistent = here.inconsistent || !diverged.is_empty();
+        group
+            .set_site(|s| {
+                s.role = SiteRole::Secondary;
+                s.group_uuid = hello.group_uuid;
+                s.lineage = hello.lineage;
+                s.inconsistent = inconsistent;
+                s.discard_local = false;
+            })
+            .map_err(internal)?;
+        group.set_split_brain(None);
+        tracing::info!(group = %name, uuid = %uuid_text(&hello.group_uuid), generation = hello.lineage.generation(),
+            primary = %peer, diverged = diverged.len(), "following the primary's lineage");
+    }
+    Ok(Admitted { sg, version, diverged })
 }
 
 fn uuid_text(u: &[u8; 16]) -> String {
@@ -343,8 +406,67 @@ fn receive(group: &Group, dev_bytes: u64, batch: EntryBatch) -> Result<u64, Stri
     }
 }
 
+/// One primary's session, as `follow` serves it.
+struct Link<'a> {
+    group: &'a Group,
+    dev_bytes: u64,
+    /// The primary's site name.
+    primary: &'a str,
+    board: &'a Board,
+}
+
+impl Link<'_> {
+    /// The primary has everything this site received; the other sites are where the
+    /// primary says: the standby SLINKs keep only what their sites lack.
+    fn positions(&self, positions: &[(String, u64)]) {
+        for (site, h) in positions {
+            self.board.set(site, *h);
+            if let Some(nr) = self.group.slink_of_site(site) {
+                self.group.standby_peer_at(nr, *h);
+            }
+        }
+    }
+
+    /// The devices are (or are no longer) being copied outside write order.
+    fn set_inconsistent(&self, on: bool) -> Result<(), String> {
+        if self.group.site().inconsistent == on {
+            return Ok(());
+        }
+        self.group.set_site(|s| s.inconsistent = on).map_err(|e| format!("recording the resync state: {e}"))
+    }
+
+    /// Planned switchover: this site has every entry; it becomes the primary of the new
+    /// generation the lineage ends with, durably, before it answers.
+    fn promote(&self, lineage: dmrep_formats::lineage::Lineage) -> Result<Message, String> {
+        let here = self.group.site();
+        let received = self.group.received();
+        match relate(&here.lineage, &lineage) {
+            Relation::PeerNewer { common } if common == received => {}
+            r => {
+                return Err(format!(
+                    "promotion refused: the new generation must follow ours right after seq {received} ({r:?})"
+                ))
+            }
+        }
+        if here.inconsistent {
+            return Err("promotion refused: this site is being resynchronised".into());
+        }
+        self.group.wait_applied(Duration::from_secs(60)).map_err(|e| format!("promotion: {e}"))?;
+        self.group
+            .set_site(|s| {
+                s.role = SiteRole::Primary;
+                s.lineage = lineage;
+            })
+            .map_err(|e| format!("promotion: {e}"))?;
+        tracing::info!(group = %self.group.name(), generation = lineage.generation(), from = %self.primary,
+            "promoted to primary by a planned switchover");
+        Ok(Message::Promoted(Promoted { lineage }))
+    }
+}
+
 /// Serve one primary until the link ends; why it ended.
-fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() -> bool) -> String {
+fn follow(link: &Link<'_>, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() -> bool) -> String {
+    let (group, dev_bytes) = (link.group, link.dev_bytes);
     if let Err(e) = r.set_read_timeout(Some(Duration::from_secs(1))) {
         return e.to_string();
     }
@@ -352,6 +474,9 @@ fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, curre
     loop {
         if !current() {
             return "a newer connection from the primary replaced this one".into();
+        }
+        if group.site().role != SiteRole::Secondary {
+            return "this site is the primary now".into();
         }
         let msg = match frames::read(r) {
             Ok((m, _)) => m,
@@ -373,6 +498,7 @@ fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, curre
                     Ok(r) => r,
                     Err(e) => return e,
                 };
+                link.positions(&[(link.primary.to_string(), received)]);
                 group.update_following(|f| {
                     f.primary_last_seq = f.primary_last_seq.max(last);
                     if received >= f.primary_last_seq {
@@ -380,6 +506,10 @@ fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, curre
                     }
                 });
                 Message::Ack(Ack { received, applied: group.applied_origin() })
+            }
+            Message::Peers(p) => {
+                link.positions(&p.positions);
+                continue;
             }
             Message::Heartbeat(h) => {
                 let received = group.received();
@@ -400,6 +530,9 @@ fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, curre
                 if let Err(why) = range {
                     return format!("resync data refused: {why}");
                 }
+                if let Err(e) = link.set_inconsistent(true) {
+                    return e;
+                }
                 if let Err(e) = group.write_resync(d.dev_nr, d.offset, &d.data) {
                     return format!("writing resync data to device {} at {}: {e}", d.dev_nr, d.offset);
                 }
@@ -413,11 +546,24 @@ fn follow(group: &Group, dev_bytes: u64, w: &TlsWriter, r: &mut TlsReader, curre
                         Ok(())
                     }
                 });
-                if let Err(e) = done {
+                if let Err(e) = done.and_then(|()| link.set_inconsistent(false)) {
                     return format!("rejoining at seq {}: {e}", j.seq);
                 }
                 tracing::info!(group = %group.name(), seq = j.seq, "resync from the primary complete: following in order");
                 Message::Ack(Ack { received: group.received(), applied: group.applied_origin() })
+            }
+            Message::Promote(p) => {
+                let reply = match link.promote(p.lineage) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(group = %group.name(), "{e}");
+                        return e;
+                    }
+                };
+                if let Err(e) = frames::send(w, &reply, Compression::None) {
+                    return format!("promoted, but the old primary was not told: {e}");
+                }
+                return "promoted to primary: the old primary follows this site".into();
             }
             Message::Goodbye(g) => return format!("the primary closed the link: {}", g.reason),
             other => return format!("unexpected {} from the primary", other.kind()),

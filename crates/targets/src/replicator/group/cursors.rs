@@ -54,7 +54,7 @@ pub(super) struct Committer {
 
 impl Committer {
     /// Queue SLINK `nr`'s cursor `seq`; returns the ticket to wait for.
-    fn submit(&self, nr: SlinkNr, seq: Seq) -> u64 {
+    pub(super) fn submit(&self, nr: SlinkNr, seq: Seq) -> u64 {
         let mut st = self.st.lock();
         let e = st.pending.entry(nr).or_insert(seq);
         *e = (*e).max(seq);

@@ -56,6 +56,9 @@ pub enum GroupError {
     Threads(#[source] io::Error),
     #[error("the group is shut down")]
     Shutdown,
+    /// A role command (switchover, takeover, resolve) refused or failed.
+    #[error("{0}")]
+    Role(String),
 }
 
 impl GroupError {

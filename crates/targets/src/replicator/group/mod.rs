@@ -33,6 +33,7 @@ use super::slink::SlinkHandler;
 mod cursors;
 pub mod error;
 mod machine;
+pub mod roles;
 pub mod site;
 mod status;
 #[cfg(test)]

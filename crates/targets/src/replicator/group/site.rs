@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dmrep_formats::replog::{SiteRole, SiteState};
 use serde::Serialize;
+use tracing::info;
 
 use super::{unix_ms, Group, GroupError};
 
@@ -54,6 +55,16 @@ pub struct SiteStatus {
     /// it keeps growing while the link is down.
     pub lag_seconds: f64,
     pub last_error: Option<String>,
+    /// The generations of the group's history this site knows.
+    pub lineage: dmrep_formats::lineage::Lineage,
+    /// Why application writes are refused (a newer generation exists).
+    pub fenced: Option<String>,
+    /// Another site accepted writes as primary from the same parent generation.
+    pub split_brain: Option<String>,
+    /// The devices are being copied outside write order (not a prefix state).
+    pub inconsistent: bool,
+    /// `dmrep resolve --discard-local` ran: the next primary's history replaces this site's.
+    pub discard_local: bool,
 }
 
 impl Group {
@@ -66,9 +77,13 @@ impl Group {
     pub fn set_site(&self, change: impl FnOnce(&mut SiteState)) -> Result<(), GroupError> {
         // The superblock write happens outside the machine's lock (no I/O under it); the
         // machine learns the role once it is durable.
+        let before = self.inner.log.site().role;
         self.inner.log.set_site(change).map_err(GroupError::Log)?;
-        let secondary = self.inner.log.site().role == SiteRole::Secondary;
-        self.inner.m.lock().secondary = secondary;
+        let now = self.inner.log.site().role;
+        if now != before {
+            info!(group = %self.inner.name, from = before.name(), to = now.name(), "site role changed");
+            self.inner.control(super::machine::Control::SetRole(now == SiteRole::Secondary))?;
+        }
         Ok(())
     }
 
@@ -159,7 +174,7 @@ impl Group {
             } else {
                 uuid::Uuid::from_bytes(site.group_uuid).to_string()
             },
-            generation: site.generation,
+            generation: site.generation(),
             received,
             applied,
             primary: f.primary.as_ref().map(|p| p.0.clone()),
@@ -171,6 +186,11 @@ impl Group {
             lag_bytes: unapplied_bytes,
             lag_seconds,
             last_error: f.last_error,
+            lineage: site.lineage,
+            fenced: self.fenced(),
+            split_brain: self.split_brain(),
+            inconsistent: site.inconsistent,
+            discard_local: site.discard_local,
         }
     }
 }

@@ -103,7 +103,8 @@ pub(super) fn appender(inner: Arc<Inner>) {
             Io::Reorder { slink } => {
                 // The site hears first that its copy stands at the log's last seq (the
                 // appender is the only one appending: it stays the last until then).
-                let seq = inner.log.stats().next_seq - 1;
+                // (In the group's history seqs: the log's newest.)
+                let seq = inner.log.received();
                 match inner.handler(slink).map_or(Ok(()), |h| h.rejoined(seq)) {
                     Ok(()) => Event::Reordered { slink, result: inner.log.register_slink(slink) },
                     Err(error) => Event::RejoinFailed { slink, error },
@@ -161,6 +162,9 @@ fn copier(inner: Arc<Inner>, nr: SlinkNr) {
         };
         let (io, applied) = inner.event(ev);
         next = io;
+        if let Some(news) = handler.take_news() {
+            super::Group::link_news(&inner, nr, news);
+        }
         if let Some(seq) = applied {
             // A cursor that cannot be made durable stops this copier's shipping: the
             // machine knows (the committer reported it) and hands out no more epochs.

@@ -66,7 +66,7 @@ use serde::Serialize;
 
 pub use dmrep_formats::replog::{SlinkSet, SuperblockError};
 pub use inspect::{inspect, LogDump, RecordDump, SlotDump, StopDump};
-pub use ring::RingLog;
+pub use ring::{rand_nonce, RingLog};
 
 use dmrep_formats::replog::RecordKind;
 

@@ -11,11 +11,11 @@ use dmrep_formats::replog::{
     pad_to_record, EntryHeader, RecordKind, SlinkSet, Superblock, ENTRY_HEADER_SIZE, FLAG_EPOCH_END, MAX_CURSORS,
     MAX_SLINKS, MIN_REGION_SIZE, RECORD_ALIGN, REGION_ALIGN, RING_OFFSET, SB_SLOT_SIZE,
 };
-use dmrep_formats::replog::{SiteRole, SiteState, SuperblockError};
+use dmrep_formats::replog::{SiteState, SuperblockError};
 
 use super::recovery::{self, geometry, io_err};
 use super::space::{self, RingState};
-use super::{EntryKind, EntryMeta, LogError, LogStats, NewEntry, RecoveryReport, SlinkStats};
+use super::{EntryKind, EntryMeta, LogError, LogStats, NewEntry, Origin, RecoveryReport, SlinkStats};
 
 /// Padding source: data is padded to 512 bytes with zeros taken from here, so the data
 /// itself is never copied.
@@ -214,7 +214,7 @@ impl RingLog {
             head_seq: 1,
             next_epoch: 1,
             cursors: Vec::new(),
-            site: SiteState { role: SiteRole::Primary, group_uuid: [0; 16], generation: 1, origin_floor: 0 },
+            site: SiteState::new_primary([0; 16], rand_nonce()),
         };
         let mut sb = sb;
         sb.site.group_uuid = sb.uuid;
@@ -462,6 +462,15 @@ impl RingLog {
         }
         let now_us = now_us();
         let (placement, first_seq, epoch, tail_pos) = self.reserve(&sizes, needed)?;
+        // The group's history seq of each entry: a received entry's is its origin's; an
+        // application write's goes on from the newest the log holds (at a site promoted to
+        // primary, from what it had received).
+        let origin_base = self.meta.lock().origin_tail;
+        let origins: Vec<Origin> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.origin.unwrap_or(Origin { seq: origin_base + 1 + i as u64, time_us: now_us }))
+            .collect();
 
         // Headers (the data crc is the only pass over the data).
         let data_crcs: Vec<u32> =
@@ -470,7 +479,7 @@ impl RingLog {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                self.header(e, first_seq + i as u64, epoch, data_crcs[i], i + 1 == batch.len(), now_us).encode()
+                self.header(e, first_seq + i as u64, epoch, data_crcs[i], i + 1 == batch.len(), origins[i]).encode()
             })
             .collect();
         let wrap_header = placement.wrap.map(|(_, i)| {
@@ -548,8 +557,8 @@ impl RingLog {
                 data_crc: data_crcs[i],
                 kind: e.kind,
                 slinks,
-                origin_seq: e.origin.map_or(first_seq + i as u64, |o| o.seq),
-                origin_time_us: e.origin.map_or(now_us, |o| o.time_us),
+                origin_seq: origins[i].seq,
+                origin_time_us: origins[i].time_us,
             };
             m.origin_tail = live.origin_seq;
             let Meta { pending, cursors, .. } = &mut *m;
@@ -567,7 +576,7 @@ impl RingLog {
         Ok(out)
     }
 
-    fn header(&self, e: &NewEntry<'_>, seq: u64, epoch: u64, data_crc: u32, last: bool, now_us: u64) -> EntryHeader {
+    fn header(&self, e: &NewEntry<'_>, seq: u64, epoch: u64, data_crc: u32, last: bool, origin: Origin) -> EntryHeader {
         EntryHeader {
             kind: e.kind.record_kind(),
             flags: if last { FLAG_EPOCH_END } else { 0 },
@@ -580,8 +589,8 @@ impl RingLog {
             dev_nr: e.dev_nr,
             len: e.len,
             slinks: e.slinks,
-            origin_seq: e.origin.map_or(0, |o| o.seq),
-            origin_time_us: e.origin.map_or(now_us, |o| o.time_us),
+            origin_seq: origin.seq,
+            origin_time_us: origin.time_us,
         }
     }
 
@@ -717,6 +726,12 @@ impl RingLog {
             }
             Ok(c)
         })
+    }
+
+    /// Moves every registered cursor to the last seq: no SLINK needs anything the log
+    /// holds (a site discarding its history, see `rebase_origin`). Durable on return.
+    pub fn cursors_to_tail(&self) -> Result<(), LogError> {
+        self.commit_cursors(|m| Ok(m.cursors.keys().map(|k| (*k, m.next_seq - 1)).collect()))
     }
 
     /// Forgets `slink`: entries stop waiting for it (the head may advance). Durable on
@@ -891,6 +906,29 @@ impl RingLog {
         r
     }
 
+    /// Start the log's history over at `origin_seq`: a site whose entries past it are
+    /// another history (a failed-back old primary, a discarded split brain) follows the
+    /// new primary from there. Only when the log holds no entries (every SLINK's cursor
+    /// at the tail, see `Group::discard_history`). Durable on return.
+    pub fn rebase_origin(&self, origin_seq: u64) -> Result<(), LogError> {
+        let _serial = self.append_lock.lock();
+        let before = {
+            let mut m = self.meta.lock();
+            if !m.entries.is_empty() {
+                return Err(LogError::BadEntry {
+                    index: 0,
+                    reason: format!("the log still holds {} entries: its history cannot start over", m.entries.len()),
+                });
+            }
+            std::mem::replace(&mut m.origin_tail, origin_seq)
+        };
+        let r = self.set_site(|_| {});
+        if r.is_err() {
+            self.meta.lock().origin_tail = before;
+        }
+        r
+    }
+
     /// The largest data of a single entry that can ever fit: the ring minus one header
     /// (an entry never spans the ring end; an empty log moves its head to the ring start
     /// to make room for one this large). Also bounded by the u32 length field.
@@ -909,6 +947,12 @@ impl RingLog {
     pub fn location(&self) -> (String, u64) {
         (self.backend.describe(), self.start)
     }
+}
+
+/// A random generation nonce (never 0, which marks lineages from before nonces).
+pub fn rand_nonce() -> u64 {
+    let u = uuid::Uuid::new_v4();
+    u64::from_le_bytes(u.as_bytes()[..8].try_into().expect("8 bytes")).max(1)
 }
 
 /// Microseconds since the Unix epoch (0 if the clock is before it).

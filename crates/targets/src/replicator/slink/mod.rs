@@ -13,6 +13,24 @@ use dmrep_core::{Claim, TargetError};
 use parking_lot::RwLock;
 
 use super::log::{EntryKind, RingLog};
+use dmrep_formats::lineage::Lineage;
+use dmrep_formats::site::Region;
+
+/// What a link learned at its site that the group must act on (taken by the group with
+/// [`SlinkHandler::take_news`] after each probe and failure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkNews {
+    /// A newer generation of the group exists there: this site must stop taking writes.
+    Fenced(String),
+    /// The site there accepted writes as primary from the same parent generation as
+    /// this one: never merged automatically; reported until resolved.
+    SplitBrain(String),
+    /// The site's copy is not what this SLINK's cursor says: its entries after history
+    /// seq `after` are not this site's history (a failed-back old primary, a discarded
+    /// split brain), or it lacks entries the log no longer holds. Copy `regions` (and,
+    /// with `full`, every region), plus what the SLINK still holds after `after`.
+    Resync { after: u64, regions: Vec<Region>, full: bool, why: String },
+}
 
 /// What a transport needs to build an SLINK handler of a group.
 pub struct LinkSetup<'a> {
@@ -21,7 +39,7 @@ pub struct LinkSetup<'a> {
     pub slink: u16,
     /// The transport's parameters from the table (after the policy and thresholds).
     pub params: &'a [String],
-    /// The group's log: its site state (role, group uuid, generation) and what it holds.
+    /// The group's log: its site state (role, group uuid, lineage) and what it holds.
     pub log: Arc<RingLog>,
     /// Bytes of each device of the group.
     pub dev_bytes: u64,
@@ -164,6 +182,24 @@ pub trait SlinkHandler: Send + Sync {
 
     /// Where device `dev_nr` of this site is (a path, a URL), if attached.
     fn device_path(&self, _dev_nr: u32) -> Option<String> {
+        None
+    }
+
+    /// The site this SLINK reaches, when it is another dmrep site of the group (the
+    /// role commands and the receiver pair sites with SLINKs by it). Default: none.
+    fn peer_site(&self) -> Option<String> {
+        None
+    }
+
+    /// Planned switchover: the site (which has every entry) becomes the primary of the
+    /// new generation that `lineage` ends with; its answer, once durable there, is the
+    /// lineage as it recorded it. Default: this transport cannot.
+    fn hand_over(&self, _lineage: Lineage) -> io::Result<Lineage> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("a {} slink cannot take over the group", self.kind())))
+    }
+
+    /// What the link learned that the group must act on, once. Default: nothing.
+    fn take_news(&self) -> Option<LinkNews> {
         None
     }
 }

@@ -306,14 +306,9 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
             "the table's role differs from the log's: the log's role stands (a switchover or takeover changes it)"
         );
     }
-    // Transports other than local: at a primary, handlers of the group; at a secondary,
-    // the peers it follows (the primary among them), which ship nothing from here.
-    let mut peers = Vec::new();
+    // Transports other than local: SLINKs of the group at either role (at a secondary
+    // they stand by: the primary's stream reaches the other sites, see `machine::roles`).
     for s in spec.slinks.iter().filter(|s| s.kind != SlinkKind::Local) {
-        if role == dmrep_formats::replog::SiteRole::Secondary {
-            peers.push((s.nr, s.kind.params().to_vec()));
-            continue;
-        }
         let t = crate::replicator::slink::transport(s.kind.name()).expect("checked above");
         let h = t.create(crate::replicator::slink::LinkSetup {
             group: ctx.device_name,
@@ -335,7 +330,7 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     let group =
         Group::start(ctx.device_name, log, lpath.clone(), recovery, setups).map_err(|e| TargetError::failed(T, e))?;
     for d in &spec.devices {
-        for r in d.replicas.iter().filter(|r| !peers.iter().any(|(nr, _)| *nr == r.slink_nr)) {
+        for r in &d.replicas {
             if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring, &claiming) {
                 group.shutdown();
                 return Err(e);
@@ -353,7 +348,6 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
         claims: Mutex::new(claims),
         dev_bytes,
         fresh_log,
-        peers,
     });
     ctx.devices.publish(ctx.device_name, handle.clone());
     Ok(ReplicatorTarget::build(ctx, spec, handle, group, None))
@@ -461,6 +455,25 @@ impl Target for ReplicatorTarget {
                 Ok(format!("slink {nr} {}", if *op == "pause" { "paused" } else { "resumed" }))
             }
             ["statistics", cmd] => self.group.statistics(cmd).map(|_| String::new()).map_err(refused),
+            // Follow the sun (answers are JSON: the CLI's role commands print them).
+            ["role"] => Ok(json(&self.group.role_info())),
+            ["switchover", site, rest @ ..] if rest.len() <= 1 => {
+                let secs: f64 = match rest.first() {
+                    Some(t) => t.parse().map_err(|_| err(format!("switchover timeout: expected seconds, found {t:?}")))?,
+                    None => 30.0,
+                };
+                let r = self.group.switchover(site, Duration::from_secs_f64(secs.max(0.001))).map_err(refused)?;
+                Ok(json(&r))
+            }
+            ["takeover", rest @ ..] if rest.is_empty() || rest == ["force"] => {
+                Ok(json(&self.group.takeover(!rest.is_empty()).map_err(refused)?))
+            }
+            ["resolve", "discard-local"] => {
+                self.group.resolve_discard_local().map_err(refused)?;
+                Ok("this site will take the primary's history when it next connects: \
+                    the regions either side wrote since the split are copied"
+                    .into())
+            }
             ["slink", nr, "policy", p] | ["slink", "message", nr, "policy", p] => {
                 let nr = parse_slink(nr).map_err(err)?;
                 let pol: dmrep_formats::replicator_table::Policy = p.parse().map_err(|e| err(format!("{e}")))?;
@@ -484,7 +497,8 @@ impl Target for ReplicatorTarget {
             _ => Err(err(format!(
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
                  slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>...|none, slink <nr> pause|resume, \
-                 slink <nr> resync-rate <bytes/s>, slink <nr> invalidate)",
+                 slink <nr> resync-rate <bytes/s>, slink <nr> invalidate, role, switchover <site> [timeout s], \
+                 takeover [force], resolve discard-local)",
                 args.join(" ")
             ))),
         }
@@ -572,6 +586,10 @@ impl Target for ReplicatorTarget {
         // A reload that never became live lets go of the devices it claimed.
         self.pending.lock().take();
     }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 fn parse_slink(s: &str) -> Result<u16, String> {

@@ -32,7 +32,7 @@ pub fn construct_dev(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dy
     }
     let mut attached = Vec::new();
     let claiming = Claiming::new(ctx.devices.claims(), &ctx.owner, &spec.control);
-    for r in spec.replicas.iter().filter(|r| !handle.peers.iter().any(|(nr, _)| *nr == r.slink_nr)) {
+    for r in &spec.replicas {
         let h = group.handler(r.slink_nr).ok_or_else(|| {
             TargetError::params(TD, format!("slink {} is not defined in control device {}", r.slink_nr, spec.control))
         })?;

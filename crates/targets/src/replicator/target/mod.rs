@@ -180,9 +180,6 @@ pub struct GroupHandle {
     dev_bytes: u64,
     /// The log was created (not recovered) when the group started.
     fresh_log: bool,
-    /// At a secondary: the SLINKs to other sites (the primary among them), with their
-    /// transport parameters; they are not SLINKs of the running group.
-    peers: Vec<(SlinkNr, Vec<String>)>,
 }
 
 impl GroupHandle {
@@ -191,11 +188,9 @@ impl GroupHandle {
     }
 }
 
-/// A group as a site receiver sees it: the running group and, at a secondary, the peers
-/// its table names.
+/// A group as a site receiver sees it.
 pub struct SiteGroup {
     pub group: Arc<Group>,
-    pub peers: Vec<(SlinkNr, Vec<String>)>,
     /// Bytes of each device of the group.
     pub dev_bytes: u64,
 }
@@ -204,7 +199,7 @@ pub struct SiteGroup {
 pub fn site_group(devices: &dmrep_core::DeviceRegistry, name: &str) -> Option<SiteGroup> {
     let h = devices.lookup::<GroupHandle>(name)?;
     let group = h.group()?;
-    Some(SiteGroup { group, peers: h.peers.clone(), dev_bytes: h.dev_bytes })
+    Some(SiteGroup { group, dev_bytes: h.dev_bytes })
 }
 
 pub fn thresholds_of(f: &dmrep_formats::replicator_table::FallBehind) -> Thresholds {

@@ -52,6 +52,19 @@ impl Machine {
                 _ => return Err(GroupError::Statistics(cmd)),
             },
             Control::Invalidate(slink) => return self.invalidate(now, slink),
+            Control::SetRole(secondary) => return Ok(self.set_role(now, secondary)),
+            Control::Fence(why) => self.fence(why),
+            Control::SplitBrain(found) => {
+                if let (Some(why), None) = (&found, &self.split_brain) {
+                    tracing::error!(group = %self.name, "SPLIT BRAIN: {why}; both sides keep serving as they are \
+                        until an operator runs `dmrep resolve {} --discard-local` at the losing site", self.name);
+                }
+                self.split_brain = found;
+            }
+            Control::StandbyAcked { slink, through } => return Ok(self.standby_acked(slink, through)),
+            Control::SiteResync { slink, after, regions, full, why } => {
+                return self.site_resync(now, slink, after, &regions, full, &why)
+            }
             Control::RemoveSlink(nr) => self.remove_slink(nr, &mut fx)?,
             Control::Freeze(on) => {
                 if std::mem::replace(&mut self.frozen, on) != on {

@@ -11,6 +11,10 @@ impl Machine {
         }
         let name = &self.name;
         let Some(rt) = self.slinks.get_mut(&nr) else { return Effects::default() };
+        if rt.standby {
+            // (Its site's position comes from the primary: see `machine::roles`.)
+            return Effects::default();
+        }
         // Time-based mode changes (a dwell ending, a `timeout` threshold) are seen here,
         // at least every tick, so status shows the mode in force even when idle.
         rt.update_mode(name, nr, now);
@@ -195,7 +199,14 @@ impl Machine {
 
     /// Data every SLINK in ordered mode has applied leaves the cache.
     pub(super) fn prune_cache(&mut self) {
-        let min = self.slinks.values().filter(|r| r.ordered && !r.leaving).map(|r| r.durable).min().unwrap_or(Seq::MAX);
+        // (Standby SLINKs never read entries: their sites get them from the primary.)
+        let min = self
+            .slinks
+            .values()
+            .filter(|r| r.ordered && !r.leaving && !r.standby)
+            .map(|r| r.durable)
+            .min()
+            .unwrap_or(Seq::MAX);
         while let Some((&seq, _)) = self.cache.first_key_value() {
             if seq > min {
                 break;

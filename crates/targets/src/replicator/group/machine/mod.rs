@@ -51,6 +51,7 @@ use dmrep_formats::replog::{pad_to_record, ENTRY_HEADER_SIZE};
 mod commands;
 mod copy;
 mod ordered;
+mod roles;
 mod slink;
 mod writes;
 
@@ -286,6 +287,16 @@ pub(crate) enum Control {
     Freeze(bool),
     /// Copy every region of the SLINK's devices again (DRBD's invalidate-remote).
     Invalidate(SlinkNr),
+    /// The site's role changed (durable already): `true` for a secondary.
+    SetRole(bool),
+    /// Refuse application writes: a newer generation exists.
+    Fence(String),
+    /// A split brain was found (`Some`) or resolved (`None`).
+    SplitBrain(Option<String>),
+    /// A standby SLINK's site has everything through this local seq.
+    StandbyAcked { slink: SlinkNr, through: Seq },
+    /// The site of an SLINK needs a resync (see [`Machine::site_resync`]).
+    SiteResync { slink: SlinkNr, after: u64, regions: Vec<dmrep_formats::site::Region>, full: bool, why: String },
     ResyncRate {
         slink: SlinkNr,
         rate: u64,
@@ -371,6 +382,11 @@ pub(crate) struct Machine {
     /// [`Group::set_site`](super::Group::set_site), which updates it): writes come only
     /// from its primary's stream. Kept here so a write does not read the log's state.
     pub secondary: bool,
+    /// A newer generation of the group exists (why): application writes are refused.
+    pub fenced: Option<String>,
+    /// Another site accepted writes as primary from the same parent generation (what was
+    /// found): reported in status until resolved.
+    pub split_brain: Option<String>,
     /// A batch is with the appender (or its dirty-log flush is): not yet settled.
     pub appending: bool,
     /// Ring length, and the most bytes one batch may take of it.
@@ -413,6 +429,8 @@ impl Machine {
             log_full: None,
             frozen: false,
             secondary: log.site().role == dmrep_formats::replog::SiteRole::Secondary,
+            fenced: None,
+            split_brain: None,
             appending: false,
             ring_len,
             // A batch must fit in the ring with room to spare, however small the log.
@@ -434,6 +452,7 @@ impl Machine {
             }
             let nr = s.nr;
             let mut rt = SlinkRt::new(s, ordered, log.cursor(nr).unwrap_or(0), now);
+            rt.standby = Self::standby_for(nr, &*rt.handler, m.secondary);
             if !ordered {
                 rt.resync.reason = Some(if lost { "log lost entries" } else { "out of sync at start" }.into());
                 rt.resync.since = Some(SystemTime::now());

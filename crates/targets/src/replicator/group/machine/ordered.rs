@@ -132,6 +132,7 @@ impl Machine {
             .find(|(nr, rt)| {
                 !rt.ordered
                     && !rt.leaving
+                    && !rt.standby
                     && rt.resync.done
                     && devices.iter().all(|d| {
                         rt.handler.has_device(*d)

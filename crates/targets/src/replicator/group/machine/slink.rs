@@ -56,6 +56,9 @@ pub(crate) struct SlinkRt {
     pub waiting_for_device: Option<DevNr>,
     /// Operator pause (`slink <nr> pause`): entries queue in the log, nothing ships.
     pub paused: bool,
+    /// At a secondary, an SLINK to another dmrep site: ships nothing, never throttles;
+    /// its entries stay in the log until its site has them (see `machine::roles`).
+    pub standby: bool,
     /// In ordered (log) mode. Off: its RDs are out of sync; new writes mark dirty
     /// regions and the resync copies them.
     pub ordered: bool,
@@ -101,6 +104,7 @@ impl SlinkRt {
             },
             waiting_for_device: None,
             paused: false,
+            standby: false,
             ordered,
             leaving: false,
             era: 0,
@@ -119,7 +123,10 @@ impl SlinkRt {
     /// throttle: its entries wait in the log, and it leaves ordered mode if it holds the
     /// log when the log fills).
     pub(super) fn throttles(&self) -> bool {
-        self.ordered && !self.leaving && (self.policy.is_synchronous() || (self.link.accessible && !self.paused))
+        !self.standby
+            && self.ordered
+            && !self.leaving
+            && (self.policy.is_synchronous() || (self.link.accessible && !self.paused))
     }
 
     pub fn lag(&self, now: Instant) -> Lag {

@@ -17,6 +17,11 @@ impl Machine {
             fx.fail(req, done, if secondary { Errno::ROFS } else { Errno::PERM });
             return fx;
         }
+        if let Some(why) = self.fenced.as_ref().filter(|_| origin.is_none()) {
+            tracing::debug!(group = %self.name, "write refused: fenced: {why}");
+            fx.fail(req, done, Errno::PERM);
+            return fx;
+        }
         if let Some(e) = &self.log_error {
             // (The log error itself was logged once, when it happened: not per write.)
             tracing::debug!(group = %self.name, "write refused: {e}");
