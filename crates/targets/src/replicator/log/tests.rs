@@ -391,11 +391,11 @@ fn both_superblocks_corrupt() {
 fn newer_format_version_is_refused() {
     let (m, b) = mem();
     drop(RingLog::create(b.clone(), 0, LOG).unwrap());
-    m.poke(8, &3u32.to_le_bytes());
+    m.poke(8, &4u32.to_le_bytes());
     for r in [RingLog::open(b.clone(), 0).err(), RingLog::open_or_create(b.clone(), 0, LOG).err()] {
         let err = r.expect("must be refused");
-        assert!(matches!(err, LogError::NewerVersion { found: 3, supported: 2, .. }), "{err}");
-        assert!(err.to_string().contains("has format version 3; this build supports versions up to 2"));
+        assert!(matches!(err, LogError::NewerVersion { found: 4, supported: 3, .. }), "{err}");
+        assert!(err.to_string().contains("has format version 4; this build supports versions up to 3"));
     }
 }
 
@@ -773,7 +773,7 @@ fn origins_and_site_state_survive_reopen() {
     log.set_site(|s| {
         s.role = SiteRole::Secondary;
         s.group_uuid = [9; 16];
-        s.generation = 4;
+        s.lineage = s.lineage.promoted(7, 1).promoted(8, 1).promoted(9, 1);
     })
     .unwrap();
     log.register_slink(0).unwrap();
@@ -792,7 +792,7 @@ fn origins_and_site_state_survive_reopen() {
 
     let (log, _) = RingLog::open(b.clone(), 0).unwrap();
     let site = log.site();
-    assert_eq!((site.role, site.group_uuid, site.generation), (SiteRole::Secondary, [9; 16], 4));
+    assert_eq!((site.role, site.group_uuid, site.generation()), (SiteRole::Secondary, [9; 16], 4));
     let metas = log.entries_from(0, 10);
     assert_eq!(
         metas.iter().map(|m| (m.origin_seq, m.origin_time_us)).collect::<Vec<_>>(),
