@@ -89,7 +89,7 @@ impl Transport for NetTransport {
             conn: Mutex::new(None),
             stats: Mutex::new(LinkStats::default()),
             board: self.boards.of(setup.group),
-            news: Mutex::new(None),
+            news: Mutex::new(News::default()),
             peers_sent: Mutex::new(None),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
@@ -130,6 +130,16 @@ struct Conn {
     last_used: Instant,
 }
 
+/// What the link learned for the group, in order (see [`LinkNews`]).
+#[derive(Default)]
+struct News {
+    queue: Vec<LinkNews>,
+    /// A resync the site needs is queued: nothing ships in order until the group took it.
+    hold: bool,
+    /// A split brain was reported (a later good connection says it is over).
+    split_brain: bool,
+}
+
 /// A `net` SLINK: one remote site.
 pub struct NetSlink {
     group: String,
@@ -147,7 +157,7 @@ pub struct NetSlink {
     board: Arc<Board>,
     /// What the group must act on (see [`LinkNews`]), and whether shipping must wait for
     /// it (a resync the site needs: nothing ships in order until the group took it).
-    news: Mutex<Option<(LinkNews, bool)>>,
+    news: Mutex<News>,
     /// When the last `peers` frame went out.
     peers_sent: Mutex<Option<Instant>>,
     stop: Mutex<bool>,
@@ -209,7 +219,7 @@ impl NetSlink {
                 let why = format!("{} refused group {}: {} ({})", self.who(), self.group, f.reason, f.code);
                 match f.code {
                     RefuseCode::StaleGeneration => self.tell(LinkNews::Fenced(why.clone()), false),
-                    RefuseCode::SplitBrain => self.tell(LinkNews::SplitBrain(why.clone()), false),
+                    RefuseCode::SplitBrain => self.tell(LinkNews::SplitBrain(Some(why.clone())), false),
                     _ => {}
                 }
                 return Err(other(why));
@@ -240,6 +250,9 @@ impl NetSlink {
                 )))
             }
         }
+        if std::mem::take(&mut self.news.lock().split_brain) {
+            self.tell(LinkNews::SplitBrain(None), false);
+        }
         self.check_position(&welcome)?;
         let compression = if welcome.features & site::features::ZSTD != 0 {
             Compression::Zstd
@@ -264,7 +277,12 @@ impl NetSlink {
 
     /// Record news for the group; `hold`: nothing ships until the group took it.
     fn tell(&self, news: LinkNews, hold: bool) {
-        *self.news.lock() = Some((news, hold));
+        let mut n = self.news.lock();
+        if let LinkNews::SplitBrain(Some(_)) = news {
+            n.split_brain = true;
+        }
+        n.queue.push(news);
+        n.hold |= hold;
     }
 
     /// Where the secondary stands against this log: a history that went past the common
@@ -422,7 +440,7 @@ impl NetSlink {
                 }
             }
         }
-        if self.news.lock().as_ref().is_some_and(|(_, hold)| *hold) {
+        if self.news.lock().hold {
             return Err(other(format!("{} needs a resync first", self.who())));
         }
         Ok(())
@@ -672,10 +690,12 @@ impl SlinkHandler for NetSlink {
     }
 
     fn hand_over(&self, lineage: Lineage) -> io::Result<Lineage> {
+        // Errors before the promotion is sent: nothing changed there (NotConnected).
+        let not_sent = |e: io::Error| io::Error::new(io::ErrorKind::NotConnected, e.to_string());
         let mut slot = self.conn.lock();
-        self.ensure(&mut slot)?;
+        self.ensure(&mut slot).map_err(not_sent)?;
         if slot.as_ref().is_some_and(|c| !c.pending.is_empty()) {
-            self.read_until(&mut slot, |c, _| c.pending.is_empty())?;
+            self.read_until(&mut slot, |c, _| c.pending.is_empty()).map_err(not_sent)?;
         }
         let mut got = None;
         self.exchange(&mut slot, &Message::Promote(Promote { lineage }), 0, |_, m| match m {
@@ -693,6 +713,33 @@ impl SlinkHandler for NetSlink {
     }
 
     fn take_news(&self) -> Option<LinkNews> {
-        self.news.lock().take().map(|(n, _)| n)
+        let mut n = self.news.lock();
+        if n.queue.is_empty() {
+            return None;
+        }
+        let first = n.queue.remove(0);
+        if n.queue.is_empty() {
+            n.hold = false;
+        }
+        Some(first)
+    }
+
+    fn peer_promoted(&self) -> io::Result<bool> {
+        let mut slot = self.conn.lock();
+        *slot = None;
+        match self.connect() {
+            Ok(c) => {
+                *slot = Some(c);
+                Ok(false)
+            }
+            Err(e) => {
+                let fenced = self.news.lock().queue.iter().any(|n| matches!(n, LinkNews::Fenced(_)));
+                if fenced {
+                    Ok(true)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 }

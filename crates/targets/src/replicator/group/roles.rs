@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::machine::Control;
 use super::{Group, GroupError, SlinkNr};
-use crate::replicator::slink::LinkNews;
+use crate::replicator::slink::{LinkNews, SlinkHandler};
 
 /// What a planned switchover did.
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +123,7 @@ impl Group {
     pub(super) fn link_news(inner: &super::Inner, nr: SlinkNr, news: LinkNews) {
         let r = match news {
             LinkNews::Fenced(why) => inner.control(Control::Fence(why)),
-            LinkNews::SplitBrain(why) => inner.control(Control::SplitBrain(Some(why))),
+            LinkNews::SplitBrain(found) => inner.control(Control::SplitBrain(found)),
             LinkNews::Resync { after, regions, full, why } => {
                 inner.control(Control::SiteResync { slink: nr, after, regions, full, why })
             }
@@ -307,7 +307,30 @@ impl Group {
                     next.generation()
                 ))))
             }
-            Err(e) => return Err(release(err(format!("site {to} did not take over: {e}")))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                return Err(release(err(format!("site {to} was not told to take over: {e}"))))
+            }
+            Err(e) => {
+                // The promotion went out and no answer came: the site may have made it
+                // durable. Writes stay held until we know; never two primaries.
+                warn!(group = %self.name(), to, "switchover: no answer to the promotion ({e}); asking the site");
+                if !self.promotion_outcome(&*h, to, until.max(Instant::now() + timeout))? {
+                    return Err(release(err(format!("site {to} did not take over: {e}"))));
+                }
+                if self.site().role == SiteRole::Secondary {
+                    // The new primary reached this site first and made it follow.
+                    self.thaw();
+                    return Ok(Switchover {
+                        to: to.to_string(),
+                        generation: self.site().generation(),
+                        start,
+                        held_ms: t0.elapsed().as_secs_f64() * 1e3,
+                        drain_ms: drain.as_secs_f64() * 1e3,
+                        drained,
+                        behind,
+                    });
+                }
+            }
         }
         // The new primary has it durably: from now on this site follows it.
         let demoted = self.set_site(|s| {
@@ -333,6 +356,31 @@ impl Group {
             drained,
             behind,
         })
+    }
+
+    /// After a promotion without answer: ask `to` until `until` whether it took over.
+    /// `Ok(true)`: it did (this site must follow); `Ok(false)`: it did not (roll back).
+    /// No answer by then: this site stays fenced (writes refused) with the reason, since
+    /// the other may be primary; it follows it as soon as it connects.
+    fn promotion_outcome(&self, h: &dyn SlinkHandler, to: &str, until: Instant) -> Result<bool, GroupError> {
+        loop {
+            if self.site().role == SiteRole::Secondary {
+                return Ok(true);
+            }
+            match h.peer_promoted() {
+                Ok(p) => return Ok(p),
+                Err(e) if Instant::now() >= until => {
+                    let why = format!(
+                        "switchover to {to}: the promotion got no answer and {to} cannot be asked ({e}); it may be \
+                         the primary now: writes stay refused here until it connects (then this site follows it)"
+                    );
+                    self.fence(why.clone());
+                    self.thaw();
+                    return Err(err(why));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 
     /// Takeover at a secondary whose primary is gone: apply every entry received, then

@@ -162,7 +162,7 @@ fn copier(inner: Arc<Inner>, nr: SlinkNr) {
         };
         let (io, applied) = inner.event(ev);
         next = io;
-        if let Some(news) = handler.take_news() {
+        while let Some(news) = handler.take_news() {
             super::Group::link_news(&inner, nr, news);
         }
         if let Some(seq) = applied {

@@ -23,8 +23,9 @@ pub enum LinkNews {
     /// A newer generation of the group exists there: this site must stop taking writes.
     Fenced(String),
     /// The site there accepted writes as primary from the same parent generation as
-    /// this one: never merged automatically; reported until resolved.
-    SplitBrain(String),
+    /// this one (`Some`: what was found): never merged automatically; reported until it
+    /// is resolved (`None`: the site follows this one now).
+    SplitBrain(Option<String>),
     /// The site's copy is not what this SLINK's cursor says: its entries after history
     /// seq `after` are not this site's history (a failed-back old primary, a discarded
     /// split brain), or it lacks entries the log no longer holds. Copy `regions` (and,
@@ -201,5 +202,12 @@ pub trait SlinkHandler: Send + Sync {
     /// What the link learned that the group must act on, once. Default: nothing.
     fn take_news(&self) -> Option<LinkNews> {
         None
+    }
+
+    /// After a switchover's promotion got no answer: whether the site is the primary of
+    /// a newer generation now (`Ok(true)`), still follows this one (`Ok(false)`), or
+    /// cannot be asked (an error). Default: cannot be asked.
+    fn peer_promoted(&self) -> io::Result<bool> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "not a site link"))
     }
 }

@@ -32,7 +32,9 @@ impl Machine {
                     fx.fail(p.req, p.done, Errno::ROFS);
                 }
             }
-        } else if let Some(why) = self.fenced.take() {
+        }
+        // A secondary takes no application writes anyway; a promoted site takes them.
+        if let Some(why) = self.fenced.take() {
             info!(group = %self.name, "no longer fenced (was: {why})");
         }
         for (nr, rt) in self.slinks.iter_mut() {
