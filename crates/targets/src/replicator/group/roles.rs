@@ -87,6 +87,10 @@ pub struct PeerInfo {
     pub last_error: Option<String>,
 }
 
+/// A primary heard from within this long counts as alive for `takeover` (heartbeats
+/// come every third of the link timeout: 3.3 s with the default 10 s).
+const PRIMARY_ALIVE: Duration = Duration::from_secs(5);
+
 fn err(s: impl Into<String>) -> GroupError {
     GroupError::Role(s.into())
 }
@@ -392,9 +396,12 @@ impl Group {
             return Err(err(format!("group {} is already the primary here", self.name())));
         }
         let f = self.following.lock().clone();
-        if let (Some((p, _)), false) = (&f.primary, force) {
+        // A primary heard from lately is alive (it sends at least every third of its link
+        // timeout); one silent for longer is taken as gone even if its connection stays.
+        let heard = f.last_heard.and_then(|t| t.elapsed().ok()).is_some_and(|d| d < PRIMARY_ALIVE);
+        if let (Some((p, _)), true, false) = (&f.primary, heard, force) {
             return Err(err(format!(
-                "primary {p} is connected: a planned switchover at the primary loses nothing \
+                "primary {p} is connected and answering: a planned switchover at the primary loses nothing \
                  (dmrep switchover {} --to <this site>); --force takes over anyway",
                 self.name()
             )));
