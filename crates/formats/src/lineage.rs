@@ -163,9 +163,7 @@ pub fn relate(mine: &Lineage, peer: &Lineage) -> Relation {
         (true, true) => Relation::Same,
         (true, false) => Relation::PeerNewer { common: next_start(peer, pi) - 1 },
         (false, true) => Relation::PeerOlder,
-        (false, false) => {
-            Relation::SplitBrain { common: next_start(peer, pi).min(next_start(mine, mi)) - 1 }
-        }
+        (false, false) => Relation::SplitBrain { common: next_start(peer, pi).min(next_start(mine, mi)) - 1 },
     }
 }
 

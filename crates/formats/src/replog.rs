@@ -449,7 +449,8 @@ impl Superblock {
         put_u64(&mut b, 96, self.next_epoch);
         put_u16(&mut b, 104, self.cursors.len() as u16);
         b[106] = self.site.role as u8;
-        b[107] = (self.site.inconsistent as u8 * FLAG_INCONSISTENT) | (self.site.discard_local as u8 * FLAG_DISCARD_LOCAL);
+        b[107] =
+            (self.site.inconsistent as u8 * FLAG_INCONSISTENT) | (self.site.discard_local as u8 * FLAG_DISCARD_LOCAL);
         for (i, &(slink, seq)) in self.cursors.iter().enumerate() {
             let o = CURSOR_TABLE_OFF + i * CURSOR_ROW;
             put_u16(&mut b, o, slink);
@@ -514,11 +515,7 @@ impl Superblock {
             head_seq: get_u64(b, 88),
             next_epoch: get_u64(b, 96),
             cursors,
-            site: if version == 1 {
-                SiteState::new_primary(uuid, 0)
-            } else {
-                decode_site(b, version)?
-            },
+            site: if version == 1 { SiteState::new_primary(uuid, 0) } else { decode_site(b, version)? },
         };
         sb.validate().map_err(SuperblockError::Invalid)?;
         Ok(sb)

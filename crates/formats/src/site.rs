@@ -875,7 +875,9 @@ impl Welcome {
                 if n > MAX_REGIONS {
                     return Err(WireError::TooMany { what: "diverged regions", count: n, max: MAX_REGIONS });
                 }
-                (0..n).map(|_| Ok(Region { dev_nr: r.u32()?, offset: r.u64()?, len: r.u64()? })).collect::<Result<_, _>>()?
+                (0..n)
+                    .map(|_| Ok(Region { dev_nr: r.u32()?, offset: r.u64()?, len: r.u64()? }))
+                    .collect::<Result<_, _>>()?
             },
         })
     }

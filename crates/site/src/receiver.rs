@@ -277,7 +277,9 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<Admitted, (Refuse
         (false, Relation::Same) if primary_here => {
             return Err((
                 RefuseCode::NotSecondary,
-                format!("group {name} is the primary of the same generation here: two primaries cannot feed each other"),
+                format!(
+                    "group {name} is the primary of the same generation here: two primaries cannot feed each other"
+                ),
             ))
         }
         (false, Relation::Same) => None,

@@ -206,7 +206,8 @@ impl Group {
     /// dirty) are returned: the new primary copies them back. Application writes must be
     /// refused already (fenced or secondary).
     pub fn discard_history(&self, common: u64, towards: Option<SlinkNr>) -> Result<Vec<Region>, GroupError> {
-        self.wait_applied(Duration::from_secs(60)).map_err(|e| err(format!("applying the log before discarding: {e}")))?;
+        self.wait_applied(Duration::from_secs(60))
+            .map_err(|e| err(format!("applying the log before discarding: {e}")))?;
         let regions = self.regions_after(common, towards);
         let (_, unordered) = self.inner.m.lock().discard_outstanding()?;
         let log = &self.inner.log;

@@ -459,7 +459,9 @@ impl Target for ReplicatorTarget {
             ["role"] => Ok(json(&self.group.role_info())),
             ["switchover", site, rest @ ..] if rest.len() <= 1 => {
                 let secs: f64 = match rest.first() {
-                    Some(t) => t.parse().map_err(|_| err(format!("switchover timeout: expected seconds, found {t:?}")))?,
+                    Some(t) => {
+                        t.parse().map_err(|_| err(format!("switchover timeout: expected seconds, found {t:?}")))?
+                    }
                     None => 30.0,
                 };
                 let r = self.group.switchover(site, Duration::from_secs_f64(secs.max(0.001))).map_err(refused)?;

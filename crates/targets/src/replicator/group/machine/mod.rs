@@ -294,9 +294,18 @@ pub(crate) enum Control {
     /// A split brain was found (`Some`) or resolved (`None`).
     SplitBrain(Option<String>),
     /// A standby SLINK's site has everything through this local seq.
-    StandbyAcked { slink: SlinkNr, through: Seq },
+    StandbyAcked {
+        slink: SlinkNr,
+        through: Seq,
+    },
     /// The site of an SLINK needs a resync (see [`Machine::site_resync`]).
-    SiteResync { slink: SlinkNr, after: u64, regions: Vec<dmrep_formats::site::Region>, full: bool, why: String },
+    SiteResync {
+        slink: SlinkNr,
+        after: u64,
+        regions: Vec<dmrep_formats::site::Region>,
+        full: bool,
+        why: String,
+    },
     ResyncRate {
         slink: SlinkNr,
         rate: u64,
