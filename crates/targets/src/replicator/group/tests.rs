@@ -344,6 +344,7 @@ impl Harness {
 }
 
 mod proptests;
+mod roles;
 
 /// R2: a `sync` dirty log attached (a new replicator-dev) while another device's batch
 /// is being appended: the batch, planned with SLINK 1 ordered, lands after SLINK 1 left

@@ -812,3 +812,30 @@ fn origins_and_site_state_survive_reopen() {
     assert_eq!(m.origin_seq, m.seq);
     assert!(m.origin_time_us > 1_700_000_000_000_000);
 }
+
+/// A site promoted to primary numbers its application's writes on from the history seq
+/// it had received (the group's history goes on across sites), durably; a history can
+/// start over only from an empty log.
+#[test]
+fn application_writes_continue_the_history_the_site_received() {
+    let (_m, b) = mem();
+    let log = RingLog::create(b.clone(), 0, LOG).unwrap();
+    log.register_slink(0).unwrap();
+    log.set_received(100).unwrap();
+    let d = pattern(1, 4096);
+    let metas = log.append(&[write(1, &d, &[0]), write(2, &d, &[0])]).unwrap();
+    assert_eq!((metas[0].seq, metas[0].origin_seq, metas[1].origin_seq), (1, 101, 102));
+    assert_eq!(log.received(), 102);
+    assert!(log.rebase_origin(50).is_err(), "the log still holds entries");
+    drop(log);
+    let (log, _) = RingLog::open(b.clone(), 0).unwrap();
+    assert_eq!(log.entries_from(0, 4).iter().map(|m| m.origin_seq).collect::<Vec<_>>(), vec![101, 102]);
+    log.cursors_to_tail().unwrap();
+    assert!(log.entries_from(0, 4).is_empty());
+    log.rebase_origin(90).unwrap();
+    assert_eq!(log.received(), 90);
+    drop(log);
+    let (log, _) = RingLog::open(b, 0).unwrap();
+    assert_eq!(log.received(), 90, "the new start is durable");
+    assert_eq!(log.append(&[write(3, &d, &[0])]).unwrap()[0].origin_seq, 91);
+}
