@@ -242,10 +242,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  cmp {} {}", dir.join("ld0.img").display(), dir.join("tokyo/ld0.img").display());
     println!("  dmrep role r0                       # this site's role, generation and peers");
     println!("  dmrep switchover r0 --to tokyo      # follow the sun: tokyo becomes the primary, nothing copied");
-    println!(
-        "  dmrep --control {} switchover r0 --to paris   # and back",
-        dir.join("tokyo/control.sock").display()
-    );
+    println!("  dmrep --control {} switchover r0 --to paris   # and back", dir.join("tokyo/control.sock").display());
     println!();
     if args.no_wait {
         running.stop();
