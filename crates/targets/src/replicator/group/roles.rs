@@ -144,6 +144,15 @@ impl Group {
             let m = self.inner.m.lock();
             match m.slinks.get(&nr) {
                 Some(rt) if rt.standby && rt.ordered => rt.durable + 1,
+                Some(rt) if rt.standby && !rt.leaving() && h >= self.received() => {
+                    // Out of ordered mode (this log overflowed while the site was away),
+                    // but the site has caught up with everything this site has: its dirty
+                    // regions are moot. (Entries arrive here only from the receiver that
+                    // calls this: none can slip in between.)
+                    drop(m);
+                    self.standby_caught_up(nr);
+                    return;
+                }
                 _ => return,
             }
         };
@@ -164,6 +173,34 @@ impl Group {
         let fx = self.inner.m.lock().control(Instant::now(), Control::StandbyAcked { slink: nr, through });
         if let Some(seq) = fx.ok().and_then(|fx| self.inner.carry_out(fx).1) {
             self.inner.cursors.submit(nr, seq);
+        }
+    }
+
+    /// A standby SLINK out of ordered mode whose site has everything this site has:
+    /// ordered again at the log's tail, its dirty regions cleared.
+    fn standby_caught_up(&self, nr: SlinkNr) {
+        let logs: Vec<_> = {
+            let m = self.inner.m.lock();
+            m.dirty.range((nr, 0)..=(nr, u32::MAX)).map(|(_, (l, _))| l.clone()).collect()
+        };
+        for l in &logs {
+            let mut r = 0;
+            while let Some(d) = l.next_dirty(r) {
+                l.clear(d);
+                r = d + 1;
+            }
+        }
+        let done = logs
+            .iter()
+            .try_for_each(|l| l.flush())
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.inner.log.register_slink(nr).map_err(|e| e.to_string()));
+        match done {
+            Ok(()) => {
+                self.inner.m.lock().reordered_clean(Instant::now(), &[nr]);
+                info!(group = %self.inner.name, slink = nr, "standby slink's site caught up: ordered again, nothing to copy");
+            }
+            Err(e) => warn!(group = %self.inner.name, slink = nr, "standby slink stays out of ordered mode: {e}"),
         }
     }
 
