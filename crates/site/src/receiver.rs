@@ -236,6 +236,9 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<Admitted, (Refuse
     let towards = group.slink_of_site(peer).ok_or_else(|| {
         (RefuseCode::WrongSite, format!("site '{peer}' is not a peer of group {name} here (no slink names it)"))
     })?;
+    // The site is back: if this site ships to it, try now (an old primary that returns
+    // is made to follow at once, not at the end of a backoff).
+    group.probe_now(towards);
     if hello.role != Role::Primary {
         return Err((
             RefuseCode::NotSecondary,

@@ -17,6 +17,8 @@ pub struct ResyncStatus {
     pub reason: Option<String>,
     pub since_ms: Option<u64>,
     pub dirty_regions: u64,
+    /// Bytes the dirty regions cover: what the resync has left to copy.
+    pub remaining_bytes: u64,
     pub regions: u64,
     pub regions_done: u64,
     pub bytes_copied: u64,
@@ -27,11 +29,12 @@ pub struct ResyncStatus {
 
 fn resync_status(m: &Machine, nr: SlinkNr) -> ResyncStatus {
     let rt = &m.slinks[&nr];
-    let (mut dirty, mut regions, mut region_bytes) = (0, 0, 0);
+    let (mut dirty, mut regions, mut region_bytes, mut remaining) = (0, 0, 0, 0);
     for (log, _) in m.dirty.range((nr, 0)..=(nr, DevNr::MAX)).map(|(_, v)| v) {
         dirty += log.dirty_count();
         regions += log.regions();
         region_bytes = log.region_bytes();
+        remaining += log.dirty_count() * log.region_bytes();
     }
     let r = &rt.resync;
     // A rate only while a resync runs (after it, elapsed time would only dilute it).
@@ -56,6 +59,7 @@ fn resync_status(m: &Machine, nr: SlinkNr) -> ResyncStatus {
         reason: r.reason.clone(),
         since_ms: r.since.map(unix_ms),
         dirty_regions: dirty,
+        remaining_bytes: remaining,
         regions,
         regions_done: r.regions_done,
         bytes_copied: r.bytes_copied,

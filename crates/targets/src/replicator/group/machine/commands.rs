@@ -54,6 +54,11 @@ impl Machine {
             Control::Invalidate(slink) => return self.invalidate(now, slink),
             Control::SetRole(secondary) => return Ok(self.set_role(now, secondary)),
             Control::Fence(why) => self.fence(why),
+            Control::ProbeNow(nr) => {
+                if let Some(rt) = self.slinks.get_mut(&nr).filter(|rt| !rt.accessible() && !rt.standby) {
+                    rt.probe_now(now);
+                }
+            }
             Control::SplitBrain(found) => {
                 if let (Some(why), None) = (&found, &self.split_brain) {
                     tracing::error!(group = %self.name, "SPLIT BRAIN: {why}; both sides keep serving as they are \

@@ -291,6 +291,8 @@ pub(crate) enum Control {
     SetRole(bool),
     /// Refuse application writes: a newer generation exists.
     Fence(String),
+    /// The SLINK's site was heard from: if down, probe it now.
+    ProbeNow(SlinkNr),
     /// A split brain was found (`Some`) or resolved (`None`).
     SplitBrain(Option<String>),
     /// A standby SLINK's site has everything through this local seq.

@@ -142,6 +142,12 @@ impl SlinkRt {
         self.outstanding.front().map(|o| o.0)
     }
 
+    /// Probe at once (its site was heard from), with the shortest backoff.
+    pub(super) fn probe_now(&mut self, now: Instant) {
+        self.link.next_probe = now;
+        self.link.backoff = PROBE_MIN;
+    }
+
     /// Leaving ordered mode (out of sync already).
     pub fn leaving(&self) -> bool {
         self.leaving
