@@ -194,6 +194,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         tls_cert: None,
         tls_key: None,
         site_listen: Some(paris.clone()),
+        metrics_listen: None,
     };
     // A fresh start each time: the demo's own devices, not a restored set.
     let _ = std::fs::remove_dir_all(&daemon_args.state_dir);

@@ -48,6 +48,10 @@ pub struct DaemonArgs {
     /// 0.0.0.0:7800). Makes this daemon a site that secondaries of groups live on.
     #[arg(long, value_name = "ADDR:PORT", requires = "site_name")]
     pub site_listen: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`, text format) on this TCP address, e.g.
+    /// 127.0.0.1:9780. Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 impl DaemonArgs {
@@ -165,12 +169,36 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
         }
         _ => None,
     };
+    let metrics = match &args.metrics_listen {
+        Some(addr) => {
+            let l = match std::net::TcpListener::bind(addr).with_context(|| format!("metrics listen address {addr}")) {
+                Ok(l) => l,
+                Err(e) => {
+                    site_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    control.stop();
+                    nbd.shutdown();
+                    daemon.shutdown();
+                    return Err(e);
+                }
+            };
+            let bound = l.local_addr().ok();
+            let (d, stop) = (daemon.clone(), site_stop.clone());
+            std::thread::Builder::new().name("metrics-listen".into()).spawn(move || {
+                if let Err(e) = dmrep_control::metrics::serve(l, d, stop) {
+                    warn!("metrics listener stopped: {e}");
+                }
+            })?;
+            bound
+        }
+        None => None,
+    };
     info!(
         control = %control_path.display(),
         nbd_unix = %args.nbd_unix.display(),
         nbd_tcp = ?tcp,
         site = ?args.site_name,
         site_listen = ?site,
+        metrics = ?metrics,
         "dmrep daemon ready"
     );
     Ok(Running { daemon, nbd, control, tcp, site_stop })

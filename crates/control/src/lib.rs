@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod metrics;
 pub mod server;
 pub mod store;
 

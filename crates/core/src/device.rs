@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use dmrep_formats::table::{SegmentSpec, TableSpec};
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::iostats::{IoStats, Kind};
 use crate::target::{Completion, IoSink, Op, Request, Target, TargetStatus};
 use crate::units::sectors_to_bytes;
 
@@ -134,12 +135,21 @@ impl Gate {
     }
 }
 
-/// Releases one in-flight slot when the request completes.
-pub(crate) struct InflightGuard(Arc<Gate>);
+/// Releases one in-flight slot when the request completes, and counts it in the
+/// device's I/O statistics.
+pub(crate) struct InflightGuard {
+    gate: Arc<Gate>,
+    stats: Arc<IoStats>,
+    kind: Kind,
+    bytes: u64,
+    started: std::time::Instant,
+    pub(crate) ok: bool,
+}
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.exit();
+        self.stats.record(self.kind, self.bytes, self.started.elapsed(), self.ok);
+        self.gate.exit();
     }
 }
 
@@ -151,6 +161,8 @@ pub struct MappedDevice {
     inactive: Mutex<Option<Arc<LiveTable>>>,
     gate: Arc<Gate>,
     open_count: AtomicU32,
+    /// I/O counters and latencies since the device was created.
+    stats: Arc<IoStats>,
     /// Writes fail with EPERM (`create --readonly`); NBD advertises the export read-only.
     read_only: AtomicBool,
     /// Serialises suspend/resume/load against each other (never held while a suspend
@@ -222,6 +234,7 @@ impl MappedDevice {
                 cond: Condvar::new(),
             }),
             open_count: AtomicU32::new(0),
+            stats: Arc::default(),
             read_only: AtomicBool::new(false),
             lifecycle: Mutex::new(()),
         })
@@ -229,6 +242,11 @@ impl MappedDevice {
 
     pub fn name(&self) -> String {
         self.name.read().clone()
+    }
+
+    /// The device's I/O counters and latencies.
+    pub fn io_stats(&self) -> &IoStats {
+        &self.stats
     }
 
     pub(crate) fn set_name(&self, name: &str) {
@@ -570,7 +588,15 @@ impl MappedDevice {
             sink.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::SHUTDOWN.raw_os_error())));
             return;
         }
-        let done = Completion::with_guard(sink, req.tag, InflightGuard(self.gate.clone()));
+        let guard = InflightGuard {
+            gate: self.gate.clone(),
+            stats: self.stats.clone(),
+            kind: Kind::of(req.op),
+            bytes: req.len,
+            started: std::time::Instant::now(),
+            ok: true,
+        };
+        let done = Completion::with_guard(sink, req.tag, guard);
         let table = self.live.read().clone();
         let Some(table) = table else {
             done.complete(req, Err(io::Error::from_raw_os_error(rustix::io::Errno::NXIO.raw_os_error())));

@@ -18,6 +18,7 @@ pub mod device;
 pub mod errors;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
+pub mod iostats;
 pub mod registry;
 pub mod target;
 pub mod units;

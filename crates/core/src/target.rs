@@ -92,6 +92,9 @@ impl Completion {
 
     /// Complete the request. Consumes the completion: a request completes once.
     pub fn complete(mut self, req: Request, result: io::Result<()>) {
+        if let Some(g) = self.guard.as_mut() {
+            g.ok = result.is_ok();
+        }
         if let Some(sink) = self.sink.take() {
             sink.complete(req, result);
         }
