@@ -133,7 +133,7 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
             return;
         }
     };
-    let Admitted { sg, version, diverged } = match admit(&hello, &peer, lookup) {
+    let Admitted { sg, version, diverged, session } = match admit(&hello, &peer, lookup) {
         Ok(x) => x,
         Err((code, reason)) => {
             refuse(&w, &addr, code, reason);
@@ -168,7 +168,7 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
         f.last_heard = Some(SystemTime::now());
         f.last_error = None;
     });
-    let link = Link { group: &group, dev_bytes: sg.dev_bytes, primary: &peer, board: &board };
+    let link = Link { group: &group, dev_bytes: sg.dev_bytes, primary: &peer, board: &board, session };
     let end = follow(&link, &w, &mut r, || sessions.current.lock().get(&hello.group_name) == Some(&id));
     tracing::info!(group = %hello.group_name, primary = %peer, "primary link ended: {end}");
     if sessions.current.lock().get(&hello.group_name) == Some(&id) {
@@ -207,6 +207,8 @@ struct Admitted {
     sg: SiteGroup,
     version: u16,
     diverged: Vec<Region>,
+    /// The session's number at the group (promotions asked in it are checked by it).
+    session: u64,
 }
 
 /// Check a hello against this site and settle the two histories: a primary of an older
@@ -273,6 +275,10 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<Admitted, (Refuse
         }
     }
     let internal = |e: GroupError| (RefuseCode::Internal, format!("group {name}: {e}"));
+    // The role decision and a promotion never interleave.
+    let admission = group.admission();
+    let session = *admission;
+    let here = group.site();
     let primary_here = here.role == SiteRole::Primary;
     // Where our history leaves the primary's (None: it does not).
     let common = match (new_secondary, relate(&here.lineage, &hello.lineage)) {
@@ -326,6 +332,10 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<Admitted, (Refuse
             diverged = group.discard_history(common, Some(towards)).map_err(internal)?;
         }
     }
+    if common.is_none() {
+        // A handshake after one whose welcome was lost: what this site still waits for.
+        diverged = group.pending_diverged(towards);
+    }
     if new_secondary || common.is_some() {
         let inconsistent = here.inconsistent || !diverged.is_empty();
         group
@@ -338,10 +348,14 @@ fn admit(hello: &Hello, peer: &str, lookup: &Lookup) -> Result<Admitted, (Refuse
             })
             .map_err(internal)?;
         group.set_split_brain(None);
+        if let Some(common) = common {
+            group.hold_diverged(towards, common, &diverged).map_err(internal)?;
+        }
         tracing::info!(group = %name, uuid = %uuid_text(&hello.group_uuid), generation = hello.lineage.generation(),
             primary = %peer, diverged = diverged.len(), "following the primary's lineage");
     }
-    Ok(Admitted { sg, version, diverged })
+    drop(admission);
+    Ok(Admitted { sg, version, diverged, session })
 }
 
 fn uuid_text(u: &[u8; 16]) -> String {
@@ -418,6 +432,7 @@ struct Link<'a> {
     /// The primary's site name.
     primary: &'a str,
     board: &'a Board,
+    session: u64,
 }
 
 impl Link<'_> {
@@ -443,26 +458,7 @@ impl Link<'_> {
     /// Planned switchover: this site has every entry; it becomes the primary of the new
     /// generation the lineage ends with, durably, before it answers.
     fn promote(&self, lineage: dmrep_formats::lineage::Lineage) -> Result<Message, String> {
-        let here = self.group.site();
-        let received = self.group.received();
-        match relate(&here.lineage, &lineage) {
-            Relation::PeerNewer { common } if common == received => {}
-            r => {
-                return Err(format!(
-                    "promotion refused: the new generation must follow ours right after seq {received} ({r:?})"
-                ))
-            }
-        }
-        if here.inconsistent {
-            return Err("promotion refused: this site is being resynchronised".into());
-        }
-        self.group.wait_applied(Duration::from_secs(60)).map_err(|e| format!("promotion: {e}"))?;
-        self.group
-            .set_site(|s| {
-                s.role = SiteRole::Primary;
-                s.lineage = lineage;
-            })
-            .map_err(|e| format!("promotion: {e}"))?;
+        self.group.promote_by(self.session, lineage).map_err(|e| e.to_string())?;
         tracing::info!(group = %self.group.name(), generation = lineage.generation(), from = %self.primary,
             "promoted to primary by a planned switchover");
         Ok(Message::Promoted(Promoted { lineage }))
@@ -553,6 +549,9 @@ fn follow(link: &Link<'_>, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() 
                 });
                 if let Err(e) = done.and_then(|()| link.set_inconsistent(false)) {
                     return format!("rejoining at seq {}: {e}", j.seq);
+                }
+                if let Some(nr) = group.slink_of_site(link.primary) {
+                    group.diverged_delivered(nr);
                 }
                 tracing::info!(group = %group.name(), seq = j.seq, "resync from the primary complete: following in order");
                 Message::Ack(Ack { received: group.received(), applied: group.applied_origin() })

@@ -142,6 +142,9 @@ pub struct Group {
     committer: Mutex<Option<JoinHandle<()>>>,
     /// At a secondary: what its receiver knows of the primary.
     following: Mutex<site::Following>,
+    /// Serialises what decides the site's role at a handshake or a promotion: the
+    /// number of the newest primary session admitted (see [`Group::admission`]).
+    roles: Mutex<u64>,
 }
 
 impl Inner {
@@ -313,6 +316,7 @@ impl Group {
             threads: Mutex::new(threads),
             committer: Mutex::new(Some(committer)),
             following: Mutex::default(),
+            roles: Mutex::new(0),
         }))
     }
 

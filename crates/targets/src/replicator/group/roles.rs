@@ -138,6 +138,46 @@ impl Group {
         }
     }
 
+    /// A primary's session is being admitted at this site: until the guard drops, no
+    /// promotion can happen; the number (in the guard) names this session: a promotion
+    /// asked in an older session is refused ([`Group::promote_by`]), because the primary
+    /// that asked may have concluded from this newer session that it did not happen.
+    pub fn admission(&self) -> parking_lot::MutexGuard<'_, u64> {
+        let mut g = self.roles.lock();
+        *g += 1;
+        g
+    }
+
+    /// Planned switchover, at the target: become the primary of `lineage`'s newest
+    /// generation, asked in session `session` (see [`Group::admission`]). Every entry
+    /// must be here (received up to where the new generation starts); applying them to
+    /// the devices goes on afterwards, in order, as at any primary.
+    pub fn promote_by(&self, session: u64, lineage: Lineage) -> Result<(), GroupError> {
+        let g = self.roles.lock();
+        if *g != session {
+            return Err(err("promotion refused: a newer connection from the primary arrived since it was asked"));
+        }
+        let here = self.site();
+        let received = self.received();
+        match dmrep_formats::lineage::relate(&here.lineage, &lineage) {
+            dmrep_formats::lineage::Relation::PeerNewer { common } if common == received => {}
+            r => {
+                return Err(err(format!(
+                    "promotion refused: the new generation must follow ours right after seq {received} ({r:?})"
+                )))
+            }
+        }
+        if here.role != SiteRole::Secondary || here.inconsistent {
+            return Err(err("promotion refused: this site is not a consistent secondary"));
+        }
+        self.set_site(|s| {
+            s.role = SiteRole::Primary;
+            s.lineage = lineage;
+        })?;
+        drop(g);
+        Ok(())
+    }
+
     /// The site of SLINK `nr` was just heard from (it connected here): if the SLINK is
     /// down, try it now rather than at the end of its backoff (a returning old primary
     /// fails back at once).
@@ -181,6 +221,45 @@ impl Group {
         let fx = self.inner.m.lock().control(Instant::now(), Control::StandbyAcked { slink: nr, through });
         if let Some(seq) = fx.ok().and_then(|fx| self.inner.carry_out(fx).1) {
             self.inner.cursors.submit(nr, seq);
+        }
+    }
+
+    /// After [`Group::discard_history`], once this site follows the new primary (on
+    /// SLINK `towards`): the regions it must get back are kept as that SLINK's dirty
+    /// regions (durable with a `disk` dirty log; after a crash with a `core` one, every
+    /// region), so that they are reported again at every handshake until the primary's
+    /// resync ends ([`Group::diverged_delivered`]): a welcome lost with the connection
+    /// must not lose them.
+    pub fn hold_diverged(&self, towards: SlinkNr, common: u64, regions: &[Region]) -> Result<(), GroupError> {
+        if regions.is_empty() {
+            return Ok(());
+        }
+        self.inner.control(Control::SiteResync {
+            slink: towards,
+            after: common,
+            regions: regions.to_vec(),
+            full: false,
+            why: "regions this site wrote past the common history, until the primary copies them back".into(),
+        })
+    }
+
+    /// The regions this site still waits to get back from the primary on SLINK `towards`
+    /// (see [`Group::hold_diverged`]).
+    pub fn pending_diverged(&self, towards: SlinkNr) -> Vec<Region> {
+        let held = self.inner.m.lock().slinks.get(&towards).is_some_and(|rt| rt.standby && !rt.ordered);
+        if !held {
+            return Vec::new();
+        }
+        self.regions_after(u64::MAX, Some(towards))
+    }
+
+    /// The primary on SLINK `towards` made this site's devices equal to its own (a resync
+    /// ended): the regions held for it are moot.
+    pub fn diverged_delivered(&self, towards: SlinkNr) {
+        let held =
+            self.inner.m.lock().slinks.get(&towards).is_some_and(|rt| rt.standby && !rt.ordered && !rt.leaving());
+        if held {
+            self.standby_caught_up(towards);
         }
     }
 
@@ -449,7 +528,9 @@ impl Group {
             )));
         }
         let t0 = Instant::now();
-        self.wait_applied(Duration::from_secs(60)).map_err(|e| err(format!("applying what was received: {e}")))?;
+        // (What was received is durable here; the devices get it in order, before any
+        // new write, as at any primary: no need to wait for them.)
+        let _g = self.roles.lock();
         let start = self.received() + 1;
         let next = site.lineage.promoted(crate::replicator::log::rand_nonce(), start);
         self.set_site(|s| {
