@@ -85,7 +85,8 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
+    // (A refusing proxy may have reset the connection already: the test sees that next.)
+    let _ = s.set_nodelay(true);
     s
 }
 
