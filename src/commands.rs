@@ -66,7 +66,8 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         | Command::Pki(_)
         | Command::Log(_)
         | Command::Wait { .. }
-        | Command::Roles(_) => {
+        | Command::Roles(_)
+        | Command::Events { .. } => {
             unreachable!("handled in main")
         }
     };
@@ -99,6 +100,7 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Response::Infos { devices } => output::print_infos(&devices, json),
         Response::Tables { tables } => output::print_tables(&tables, json),
         Response::Statuses { devices } => output::print_statuses(&devices, json),
+        Response::Events { .. } => bail!("unexpected events answer"),
     }
 }
 

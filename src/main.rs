@@ -3,6 +3,7 @@
 
 mod commands;
 mod demo;
+mod events;
 mod output;
 mod roles;
 mod run_daemon;
@@ -170,6 +171,24 @@ pub enum Command {
         #[arg(long)]
         timeout: Option<u64>,
     },
+    /// Print the daemon's state, then every change as it happens (like drbdsetup events2).
+    ///
+    /// One line per event: `<exists|create|change|destroy> <group|slink|device|site>
+    /// key:value...`. First the current state as `exists` lines, ending with `exists -`;
+    /// then (without --now) every change: devices created and removed, SLINK mode changes
+    /// (synchronous, asynchronous, forced_synchronous, dirty), up and down with the
+    /// reason, resync start, progress and end, role and generation changes, fencing,
+    /// split brain, log full, errors. A reader that falls more than 4096 events behind is
+    /// told how many it lost (`change - lost:N`).
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Print the current state and exit.
+        #[arg(long)]
+        now: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Versions of this CLI, the daemon and the control protocol.
     Version {
         #[arg(long)]
@@ -244,6 +263,7 @@ fn main() -> ExitCode {
         Command::Pki(cmd) => pki(cmd),
         Command::Log(cmd) => commands::log(cmd),
         Command::Roles(cmd) => roles::run(cmd, cli.control),
+        Command::Events { now, json } => events::run(cli.control, now, json),
         Command::Wait { name, resync, timeout } => commands::wait(cli.control, &name, resync, timeout),
         other => commands::run(other, cli.control),
     };

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmrep_core::device::{LiveTable, Quiesce, SUSPEND_TIMEOUT};
+use dmrep_core::events::{self, Action, Event};
 use dmrep_core::target::{Op, Request as IoRequest};
 use dmrep_core::{BuildContext, DeviceRegistry, MappedDevice, TargetRegistry};
 use dmrep_formats::control::{
@@ -245,6 +246,7 @@ impl Daemon {
         dev.load(live);
         // A new device has no I/O in flight: nothing to wait for.
         dev.resume(SUSPEND_TIMEOUT)?;
+        events::emit(Action::Create, "device", &device_fields(&dev));
         Ok(())
     }
 
@@ -519,6 +521,7 @@ impl Daemon {
                 for d in &victims {
                     let d = self.devices.take(&d.name())?;
                     d.shutdown();
+                    events::emit(Action::Destroy, "device", &[("name", d.name())]);
                 }
                 let uuids: Vec<String> = victims.iter().map(|d| d.uuid().to_string()).collect();
                 self.persist(|r| r.retain(|x| !uuids.contains(&x.uuid)))?;
@@ -596,6 +599,25 @@ impl Daemon {
                     })
                     .collect();
                 Ok(Response::Statuses { devices })
+            }
+            Request::Events { after, wait_ms, now } => {
+                let mut out = Vec::new();
+                // Where the reader starts: after what it saw, else from now (after the
+                // snapshot, so no change between the two is missed: it is in both).
+                let from = after.unwrap_or_else(events::position);
+                // (Each with its text line too: JSON objects do not keep the fields' order.)
+                let with_line = |e: &Event| {
+                    let mut v = e.json();
+                    v["line"] = e.line().into();
+                    v
+                };
+                if now {
+                    out.extend(self.snapshot().iter().map(with_line));
+                }
+                let wait = if now { Duration::ZERO } else { Duration::from_millis(wait_ms.min(10_000)) };
+                let b = events::after(from, wait);
+                out.extend(b.events.iter().map(with_line));
+                Ok(Response::Events { events: out, lost: b.lost, last: b.last })
             }
             Request::Message { name, sector, args } => {
                 let target = {
@@ -678,5 +700,70 @@ fn info_of(e: &Entry) -> DeviceInfo {
                 reason: Some(why.clone()),
             }
         }
+    }
+}
+
+/// The fields of a device's events.
+fn device_fields(d: &MappedDevice) -> Vec<(&'static str, String)> {
+    vec![("name", d.name()), ("size", d.size().to_string()), ("read_only", d.read_only().to_string())]
+}
+
+impl Daemon {
+    /// The current state as `exists` events (`dmrep events --now`): every device, and for
+    /// every replicator group its site, its SLINKs and its log.
+    fn snapshot(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        for d in self.devices.list() {
+            out.push(Event::new(Action::Exists, "device", &device_fields(&d)));
+            let Some(t) = d.live_table() else { continue };
+            for (_, target) in t.targets().filter(|(s, _)| s.target == "replicator") {
+                let st = target.status().json;
+                let g = d.name();
+                let s = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(x) => x.clone(),
+                    serde_json::Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                out.push(Event::new(
+                    Action::Exists,
+                    "group",
+                    &[
+                        ("group", g.clone()),
+                        ("log_used", s(&st["log"]["used_bytes"])),
+                        ("log_size", s(&st["log"]["ring_len"])),
+                        ("writes_held", s(&st["writes_held"])),
+                    ],
+                ));
+                let site = &st["site"];
+                out.push(Event::new(
+                    Action::Exists,
+                    "site",
+                    &[
+                        ("group", g.clone()),
+                        ("role", s(&site["role"])),
+                        ("generation", s(&site["generation"])),
+                        ("fenced", (!site["fenced"].is_null()).to_string()),
+                        ("split_brain", (!site["split_brain"].is_null()).to_string()),
+                    ],
+                ));
+                for sl in st["slinks"].as_array().into_iter().flatten() {
+                    let ordered = sl["sync"]["ordered"] == true;
+                    out.push(Event::new(
+                        Action::Exists,
+                        "slink",
+                        &[
+                            ("group", g.clone()),
+                            ("slink", s(&sl["slink"])),
+                            ("mode", if ordered { s(&sl["mode"]) } else { "dirty".into() }),
+                            ("up", s(&sl["accessible"])),
+                            ("outstanding", s(&sl["outstanding_ios"])),
+                            ("dirty_regions", s(&sl["sync"]["dirty_regions"])),
+                        ],
+                    ));
+                }
+            }
+        }
+        out.push(Event::new(Action::Exists, "-", &[]));
+        out
     }
 }

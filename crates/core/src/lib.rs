@@ -16,6 +16,7 @@ pub mod backend;
 pub mod claims;
 pub mod device;
 pub mod errors;
+pub mod events;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod iostats;

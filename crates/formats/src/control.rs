@@ -11,11 +11,12 @@
 //! - 2: `timeout_ms` on suspend and resume (a suspend that cannot drain gives up);
 //!   devices in state `unavailable` (recorded, not restored) with a `reason`;
 //!   `read_only` on create and in info.
+//! - 3: `events` request and answer.
 
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest accepted line: a table of a few thousand segments fits in 1 MiB; more is
 /// a runaway client.
@@ -100,6 +101,16 @@ pub enum Request {
         sector: u64,
         args: Vec<String>,
     },
+    /// The events after seq `after` (waiting up to `wait_ms` for one); with `now`, the
+    /// current state as `exists` events first, and events from then on.
+    Events {
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        wait_ms: u64,
+        #[serde(default)]
+        now: bool,
+    },
 }
 
 /// The daemon's answers.
@@ -126,6 +137,13 @@ pub enum Response {
     /// A target's reply to a message.
     Reply {
         text: String,
+    },
+    /// Events (JSON objects, see `dmrep_core::events`); `lost`: events the reader missed
+    /// (it fell further behind than the daemon keeps); ask after `last` next time.
+    Events {
+        events: Vec<serde_json::Value>,
+        lost: u64,
+        last: u64,
     },
 }
 

@@ -60,6 +60,13 @@ impl Machine {
                 }
             }
             Control::SplitBrain(found) => {
+                if found.is_some() != self.split_brain.is_some() {
+                    let mut f = vec![("split_brain", found.is_some().to_string())];
+                    if let Some(w) = &found {
+                        f.push(("reason", w.clone()));
+                    }
+                    group_event("site", &self.name, &f);
+                }
                 if let (Some(why), None) = (&found, &self.split_brain) {
                     tracing::error!(group = %self.name, "SPLIT BRAIN: {why}; both sides keep serving as they are \
                         until an operator runs `dmrep resolve {} --discard-local` at the losing site", self.name);

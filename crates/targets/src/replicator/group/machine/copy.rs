@@ -226,7 +226,9 @@ impl Machine {
         } else {
             l.backoff = (l.backoff * 2).min(PROBE_MAX);
         }
-        l.accessible = false;
+        if std::mem::replace(&mut l.accessible, false) {
+            slink_event(&self.name, nr, &[("up", "false".into()), ("reason", format!("{doing}: {e}"))]);
+        }
         l.next_probe = now + l.backoff;
         l.last_error = Some(e.to_string());
         rt.update_mode(&self.name, nr, now);
@@ -247,7 +249,9 @@ impl Machine {
         let Some(rt) = self.slinks.get_mut(&nr) else { return Effects::default() };
         match result {
             Ok(()) => {
-                rt.link.accessible = true;
+                if !std::mem::replace(&mut rt.link.accessible, true) {
+                    slink_event(&self.name, nr, &[("up", "true".into())]);
+                }
                 rt.update_mode(&self.name, nr, now);
                 info!(group = %self.name, slink = nr, "slink answers again; resuming shipping");
             }
@@ -301,7 +305,11 @@ impl Machine {
             }
             return Effects::default();
         };
-        rt.resync.started.get_or_insert(now);
+        if rt.resync.started.is_none() {
+            rt.resync.started = Some(now);
+            let reason = rt.resync.reason.clone().unwrap_or_default();
+            slink_event(&self.name, nr, &[("resync", "start".into()), ("reason", reason)]);
+        }
         rt.resync.cursor = (dev, region + 1);
         let rate_limit = rt.resync.rate_limit;
         self.in_copy.insert((nr, dev, region));
@@ -331,6 +339,22 @@ impl Machine {
             let rt = self.slinks.get_mut(&w.slink).expect("slink");
             rt.resync.regions_done += 1;
             rt.resync.bytes_copied += w.len;
+            // Progress: every 64 regions copied.
+            if rt.resync.regions_done % 64 == 0 {
+                let left: u64 =
+                    self.dirty.range((w.slink, 0)..=(w.slink, DevNr::MAX)).map(|(_, (l, _))| l.dirty_count()).sum();
+                let rt = &self.slinks[&w.slink];
+                slink_event(
+                    &self.name,
+                    w.slink,
+                    &[
+                        ("resync", "progress".into()),
+                        ("regions_done", rt.resync.regions_done.to_string()),
+                        ("regions_left", left.to_string()),
+                        ("bytes_copied", rt.resync.bytes_copied.to_string()),
+                    ],
+                );
+            }
         }
         fx
     }

@@ -55,6 +55,22 @@ mod roles;
 mod slink;
 mod writes;
 
+use dmrep_core::events::{self, Action};
+
+/// An event about SLINK `nr` of group `group` (see `dmrep_core::events`).
+fn slink_event(group: &str, nr: SlinkNr, fields: &[(&str, String)]) {
+    let mut f = vec![("group", group.to_string()), ("slink", nr.to_string())];
+    f.extend(fields.iter().cloned());
+    events::emit(Action::Change, "slink", &f);
+}
+
+/// An event about group `group` (`object`: `group` or `site`).
+fn group_event(object: &'static str, group: &str, fields: &[(&str, String)]) {
+    let mut f = vec![("group", group.to_string())];
+    f.extend(fields.iter().cloned());
+    events::emit(Action::Change, object, &f);
+}
+
 pub(crate) use slink::{ResyncState, SlinkRt};
 
 /// A request to answer, and how.

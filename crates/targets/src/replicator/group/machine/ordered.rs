@@ -87,6 +87,7 @@ impl Machine {
         let logs: Vec<Arc<dyn DirtyLog>> =
             self.dirty.iter().filter(|((s, _), _)| *s == nr).map(|(_, (l, _))| l.clone()).collect();
         warn!(group = %self.name, slink = nr, reason, entries = marked, "slink left ordered mode: its devices are out of sync until a resync ends");
+        slink_event(&self.name, nr, &[("mode", "dirty".into()), ("reason", reason.to_string())]);
         Effects::io(Io::Leave { slink: nr, logs })
     }
 
@@ -162,6 +163,8 @@ impl Machine {
             group = %self.name, slink = nr, regions = rt.resync.regions_done, bytes = rt.resync.bytes_copied, took = ?took,
             "resync complete: slink in ordered mode"
         );
+        let (regions, bytes) = (rt.resync.regions_done.to_string(), rt.resync.bytes_copied.to_string());
+        slink_event(&self.name, nr, &[("resync", "end".into()), ("regions", regions), ("bytes_copied", bytes)]);
         // What the resync did stays in the status until the next one starts.
         rt.resync.done = false;
         rt.resync.reason = None;

@@ -23,6 +23,9 @@ impl Machine {
     pub(super) fn set_role(&mut self, now: Instant, secondary: bool) -> Effects {
         let mut fx = Effects { wake_appender: true, wake_copiers: true, ..Default::default() };
         self.secondary = secondary;
+        let role = if secondary { "secondary" } else { "primary" };
+        let generation = self.log.site().generation().to_string();
+        group_event("site", &self.name, &[("role", role.into()), ("generation", generation)]);
         if secondary {
             let queue = std::mem::take(&mut self.queue);
             for p in queue {
@@ -66,6 +69,7 @@ impl Machine {
     pub(super) fn fence(&mut self, why: String) {
         if self.fenced.is_none() {
             warn!(group = %self.name, "fenced: writes are refused from now on: {why}");
+            group_event("site", &self.name, &[("fenced", "true".into()), ("reason", why.clone())]);
         }
         self.fenced = Some(why);
     }

@@ -75,6 +75,15 @@ pub(crate) struct SlinkRt {
     pub cursor_us: u64,
 }
 
+/// The mode's name in events (as in status JSON).
+fn mode_name(m: InForce) -> &'static str {
+    match m {
+        InForce::Synchronous => "synchronous",
+        InForce::Asynchronous => "asynchronous",
+        InForce::ForcedSynchronous => "forced_synchronous",
+    }
+}
+
 /// Longest quiet time between two logged mode changes of one SLINK.
 const MODE_LOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -180,6 +189,7 @@ impl SlinkRt {
             return;
         }
         let from = std::mem::replace(&mut self.mode, m);
+        super::slink_event(group, nr, &[("mode", mode_name(m).into()), ("from", mode_name(from).into())]);
         self.mode_since = SystemTime::now();
         self.mode_at = now;
         self.mode_switches += 1;

@@ -152,6 +152,9 @@ impl Machine {
                 return match self.log_full_victim(needed) {
                     Some(nr) => self.begin_leave(now, nr, "replication log full"),
                     None => {
+                        if self.log_full.is_none() {
+                            group_event("group", &self.name, &[("log", "full".into())]);
+                        }
                         self.log_full = Some(now);
                         fx
                     }
@@ -284,6 +287,7 @@ impl Machine {
         let mut fx = Effects::default();
         if self.log_error.is_none() {
             warn!(group = %self.name, "replication group refuses writes from now on: {e}");
+            group_event("group", &self.name, &[("error", e.to_string())]);
             self.log_error = Some(Arc::new(e));
         }
         for p in self.queue.drain(..) {
