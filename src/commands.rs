@@ -67,7 +67,8 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         | Command::Log(_)
         | Command::Wait { .. }
         | Command::Roles(_)
-        | Command::Events { .. } => {
+        | Command::Events { .. }
+        | Command::Verify { .. } => {
             unreachable!("handled in main")
         }
     };

@@ -36,7 +36,8 @@
 //! Protocol versions (one line per version, what changed):
 //! - 1: first version (added before any release: the `rejoin` kind, 10; lineages in
 //!   `hello` and `welcome` instead of a bare generation, diverged regions in `welcome`,
-//!   the `promote`, `promoted` and `peers` kinds, 11..13, and the `split-brain` refusal).
+//!   the `promote`, `promoted` and `peers` kinds, 11..13, `verify-request` and
+//!   `verify-reply`, 14 and 15, and the `split-brain` refusal).
 
 use crate::le::*;
 use crate::lineage::{GenRecord, Lineage, GEN_RECORD_LEN, MAX_GENERATIONS};
@@ -256,6 +257,8 @@ wire_enum! {
         Promote = 11 => "promote",
         Promoted = 12 => "promoted",
         Peers = 13 => "peers",
+        VerifyRequest = 14 => "verify-request",
+        VerifyReply = 15 => "verify-reply",
     }
 }
 
@@ -275,6 +278,8 @@ impl MessageKind {
             Welcome => 50 + LINEAGE_MAX_LEN + MAX_NAME_LEN + MAX_DEVICES * DEVICE_LEN + MAX_REGIONS * REGION_LEN,
             Promote | Promoted => LINEAGE_MAX_LEN,
             Peers => 2 + MAX_PEERS * (9 + MAX_NAME_LEN),
+            VerifyRequest => 20,
+            VerifyReply => 24,
             Refused => 4 + MAX_REASON_LEN,
             Entries | ResyncData => MAX_PAYLOAD as usize,
             Ack | ResyncAck => 16,
@@ -613,6 +618,10 @@ impl<'a> Reader<'a> {
         Lineage::from_records(&records).map_err(|e| invalid("lineage", e))
     }
 
+    fn region(&mut self) -> Result<Region, WireError> {
+        Ok(Region { dev_nr: self.u32()?, offset: self.u64()?, len: self.u64()? })
+    }
+
     fn devices(&mut self) -> Result<Vec<DeviceInfo>, WireError> {
         let count = self.u16()? as usize;
         if count > MAX_DEVICES {
@@ -681,6 +690,12 @@ fn push_lineage(out: &mut Vec<u8>, l: &Lineage) {
         r.encode(&mut b);
         out.extend_from_slice(&b);
     }
+}
+
+fn push_region(out: &mut Vec<u8>, g: &Region) {
+    push_u32(out, g.dev_nr);
+    push_u64(out, g.offset);
+    push_u64(out, g.len);
 }
 
 fn push_devices(out: &mut Vec<u8>, devices: &[DeviceInfo]) {
@@ -1167,7 +1182,7 @@ pub const MAX_PEERS: usize = 64;
 /// A byte range of one device of the group.
 ///
 /// Byte layout (20 bytes): dev_nr u32 at 0, offset u64 at 4, len u64 at 12.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Region {
     pub dev_nr: u32,
     pub offset: u64,
@@ -1209,6 +1224,31 @@ pub struct Peers {
     pub positions: Vec<(String, u64)>,
 }
 
+/// Primary -> secondary (online verify): the crc32c of a range of one device, computed
+/// at the secondary on the state its log leads to; answered by [`VerifyReply`].
+///
+/// | off | len | field | why |
+/// |----:|----:|-------|-----|
+/// | 0 | 4 | dev_nr u32 | |
+/// | 4 | 8 | offset u64 | |
+/// | 12 | 8 | len u64 (at most [`MAX_DATA`]) | |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyRequest {
+    pub region: Region,
+}
+
+/// Secondary -> primary: the checksum asked by a [`VerifyRequest`].
+///
+/// | off | len | field | why |
+/// |----:|----:|-------|-----|
+/// | 0 | 20 | the region, as asked ([`Region`]) | |
+/// | 20 | 4 | crc32c of its bytes | |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyReply {
+    pub region: Region,
+    pub crc: u32,
+}
+
 /// One message of the site protocol: a frame's decoded payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -1225,6 +1265,8 @@ pub enum Message {
     Promote(Promote),
     Promoted(Promoted),
     Peers(Peers),
+    VerifyRequest(VerifyRequest),
+    VerifyReply(VerifyReply),
 }
 
 impl Message {
@@ -1243,6 +1285,8 @@ impl Message {
             Message::Promote(_) => MessageKind::Promote,
             Message::Promoted(_) => MessageKind::Promoted,
             Message::Peers(_) => MessageKind::Peers,
+            Message::VerifyRequest(_) => MessageKind::VerifyRequest,
+            Message::VerifyReply(_) => MessageKind::VerifyReply,
         }
     }
 
@@ -1267,6 +1311,17 @@ impl Message {
             Message::Goodbye(g) => check_reason("goodbye reason", &g.reason),
             Message::Rejoin(r) => counter("rejoin seq", r.seq),
             Message::Promote(_) | Message::Promoted(_) => Ok(()),
+            Message::VerifyRequest(VerifyRequest { region: g })
+            | Message::VerifyReply(VerifyReply { region: g, .. }) => {
+                if g.len > MAX_DATA as u64 {
+                    return Err(WireError::TooLong {
+                        what: "verify region",
+                        len: g.len as usize,
+                        max: MAX_DATA as usize,
+                    });
+                }
+                range("verify region", g.offset, g.len)
+            }
             Message::Peers(p) => {
                 if p.positions.len() > MAX_PEERS {
                     return Err(WireError::TooMany { what: "peer count", count: p.positions.len(), max: MAX_PEERS });
@@ -1339,6 +1394,11 @@ impl Message {
             Message::Rejoin(r) => push_u64(out, r.seq),
             Message::Promote(p) => push_lineage(out, &p.lineage),
             Message::Promoted(p) => push_lineage(out, &p.lineage),
+            Message::VerifyRequest(v) => push_region(out, &v.region),
+            Message::VerifyReply(v) => {
+                push_region(out, &v.region);
+                push_u32(out, v.crc);
+            }
             Message::Peers(p) => {
                 push_u16(out, p.positions.len() as u16);
                 for (n, v) in &p.positions {
@@ -1384,6 +1444,8 @@ impl Message {
             MessageKind::Rejoin => Message::Rejoin(Rejoin { seq: r.u64()? }),
             MessageKind::Promote => Message::Promote(Promote { lineage: r.lineage()? }),
             MessageKind::Promoted => Message::Promoted(Promoted { lineage: r.lineage()? }),
+            MessageKind::VerifyRequest => Message::VerifyRequest(VerifyRequest { region: r.region()? }),
+            MessageKind::VerifyReply => Message::VerifyReply(VerifyReply { region: r.region()?, crc: r.u32()? }),
             MessageKind::Peers => {
                 let n = r.u16()? as usize;
                 if n > MAX_PEERS {
@@ -1553,6 +1615,8 @@ mod tests {
             Message::Promote(Promote { lineage }),
             Message::Promoted(Promoted { lineage }),
             Message::Peers(Peers { positions: peers }),
+            Message::VerifyRequest(VerifyRequest { region: Region { dev_nr: 1, offset: 2, len: 3 } }),
+            Message::VerifyReply(VerifyReply { region: Region { dev_nr: 1, offset: 2, len: 3 }, crc: 4 }),
             Message::Refused(Refused { code: RefuseCode::Internal, reason: reason.clone() }),
             Message::Ack(Ack { received: 0, applied: 0 }),
             Message::Heartbeat(Heartbeat { time_us: 0, last_seq: 0, durable: 0 }),
@@ -1633,7 +1697,7 @@ mod tests {
             "protocol version 2 is not supported (this build speaks 1 to 1)"
         );
         assert_eq!(patched(6, 0), Err(WireError::UnknownKind(0)));
-        assert_eq!(patched(6, 14), Err(WireError::UnknownKind(14)));
+        assert_eq!(patched(6, 16), Err(WireError::UnknownKind(16)));
         assert_eq!(patched(8, 2), Err(WireError::UnknownFlags(2)));
         assert_eq!(patched(8, 0x8001), Err(WireError::UnknownFlags(0x8001)));
         assert_eq!(patched(10, 1), Err(WireError::Reserved { what: "frame header" }));
@@ -1910,7 +1974,7 @@ mod tests {
         }
 
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400), kind in 1u16..=13) {
+        fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400), kind in 1u16..=15) {
             let _ = decode_frame(&b);
             let _ = split_compressed(&b);
             if let Ok(m) = Message::decode(&raw_header(MessageKind::from_u16(kind).unwrap()), &b) {

@@ -38,8 +38,8 @@ use dmrep_formats::lineage::{relate, Lineage, Relation};
 use dmrep_formats::replicator_table::net::{Compress, NetParams};
 use dmrep_formats::replog::SiteRole;
 use dmrep_formats::site::{
-    self, Compression, DeviceInfo, EntryBatch, Heartbeat, Hello, Message, Peers, Promote, RefuseCode, Rejoin,
-    ResyncData, Role, WireEntry, WireKind,
+    self, Compression, DeviceInfo, EntryBatch, Heartbeat, Hello, Message, Peers, Promote, RefuseCode, Region, Rejoin,
+    ResyncData, Role, VerifyRequest, WireEntry, WireKind,
 };
 use dmrep_targets::replicator::log::{EntryKind, RingLog};
 use dmrep_targets::replicator::slink::{ApplyEntry, LinkNews, LinkSetup, SlinkHandler, Transport};
@@ -710,6 +710,21 @@ impl SlinkHandler for NetSlink {
             c.w.shutdown();
         }
         got.ok_or_else(|| other(format!("{} did not confirm its promotion", self.who())))
+    }
+
+    fn checksum(&self, dev_nr: u32, offset: u64, len: u64) -> io::Result<u32> {
+        let region = Region { dev_nr, offset, len };
+        let mut slot = self.conn.lock();
+        self.ensure(&mut slot)?;
+        let mut crc = None;
+        self.exchange(&mut slot, &Message::VerifyRequest(VerifyRequest { region }), 0, |_, m| match m {
+            Message::VerifyReply(v) if v.region == region => {
+                crc = Some(v.crc);
+                true
+            }
+            _ => false,
+        })?;
+        crc.ok_or_else(|| other(format!("{} sent no checksum", self.who())))
     }
 
     fn take_news(&self) -> Option<LinkNews> {

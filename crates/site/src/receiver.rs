@@ -30,7 +30,7 @@ use dmrep_formats::lineage::{relate, Relation};
 use dmrep_formats::replog::SiteRole;
 use dmrep_formats::site::{
     self, Ack, Compression, DeviceInfo, EntryBatch, Goodbye, Heartbeat, Hello, Message, Promoted, RefuseCode, Refused,
-    Region, ResyncAck, Role, Welcome, WireKind,
+    Region, ResyncAck, Role, VerifyReply, Welcome, WireKind,
 };
 use dmrep_targets::replicator::group::{Group, GroupError};
 use dmrep_targets::replicator::log::Origin;
@@ -555,6 +555,18 @@ fn follow(link: &Link<'_>, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() 
                 }
                 tracing::info!(group = %group.name(), seq = j.seq, "resync from the primary complete: following in order");
                 Message::Ack(Ack { received: group.received(), applied: group.applied_origin() })
+            }
+            Message::VerifyRequest(v) => {
+                let g = v.region;
+                if let Err(why) = check_range(&group.device_numbers(), dev_bytes, g.dev_nr, g.offset, g.len) {
+                    return format!("verify request refused: {why}");
+                }
+                // The state this site's log leads to (devices plus entries not yet on them).
+                let mut buf = vec![0u8; g.len as usize];
+                if let Err(e) = group.read(g.dev_nr, g.offset, &mut buf) {
+                    return format!("reading device {} at {} to verify it: {e}", g.dev_nr, g.offset);
+                }
+                Message::VerifyReply(VerifyReply { region: g, crc: crc32c::crc32c(&buf) })
             }
             Message::Promote(p) => {
                 let reply = match link.promote(p.lineage) {

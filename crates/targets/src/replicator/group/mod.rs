@@ -38,6 +38,7 @@ pub mod site;
 mod status;
 #[cfg(test)]
 mod tests;
+pub mod verify;
 mod workers;
 
 pub use error::{DevNr, GroupError, Seq, SlinkNr};
@@ -145,6 +146,8 @@ pub struct Group {
     /// Serialises what decides the site's role at a handshake or a promotion: the
     /// number of the newest primary session admitted (see [`Group::admission`]).
     roles: Mutex<u64>,
+    /// The current or last online verify.
+    verify: Mutex<Option<verify::VerifyStatus>>,
 }
 
 impl Inner {
@@ -317,6 +320,7 @@ impl Group {
             committer: Mutex::new(Some(committer)),
             following: Mutex::default(),
             roles: Mutex::new(0),
+            verify: Mutex::new(None),
         }))
     }
 

@@ -199,6 +199,14 @@ pub trait SlinkHandler: Send + Sync {
         Err(io::Error::new(io::ErrorKind::Unsupported, format!("a {} slink cannot take over the group", self.kind())))
     }
 
+    /// The crc32c of `len` bytes at `offset` of device `dev_nr` at this site (online
+    /// verify). Default: read them here; a remote site computes it where the data is.
+    fn checksum(&self, dev_nr: u32, offset: u64, len: u64) -> io::Result<u32> {
+        let mut buf = vec![0u8; len as usize];
+        self.read(dev_nr, offset, &mut buf)?;
+        Ok(crc32c::crc32c(&buf))
+    }
+
     /// What the link learned that the group must act on, once. Default: nothing.
     fn take_news(&self) -> Option<LinkNews> {
         None

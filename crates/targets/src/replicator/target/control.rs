@@ -470,6 +470,22 @@ impl Target for ReplicatorTarget {
             ["takeover", rest @ ..] if rest.is_empty() || rest == ["force"] => {
                 Ok(json(&self.group.takeover(!rest.is_empty()).map_err(refused)?))
             }
+            ["verify", nr, rest @ ..] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                let (mut rate, mut fix) = (0u64, false);
+                for w in rest {
+                    match *w {
+                        "fix" => fix = true,
+                        w if w.starts_with("rate=") => {
+                            rate = w[5..].parse().map_err(|_| err(format!("verify: rate=<bytes/s>, found {w:?}")))?
+                        }
+                        other => return Err(err(format!("verify: unknown option {other:?} (rate=<bytes/s>, fix)"))),
+                    }
+                }
+                self.group.verify_start(nr, self.handle.dev_bytes, rate, fix).map_err(refused)?;
+                Ok(json(&self.group.verify_status()))
+            }
+            ["verify-status"] => Ok(json(&self.group.verify_status())),
             ["resolve", "discard-local"] => {
                 self.group.resolve_discard_local().map_err(refused)?;
                 Ok("this site will take the primary's history when it next connects: \
@@ -500,7 +516,7 @@ impl Target for ReplicatorTarget {
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
                  slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>...|none, slink <nr> pause|resume, \
                  slink <nr> resync-rate <bytes/s>, slink <nr> invalidate, role, switchover <site> [timeout s], \
-                 takeover [force], resolve discard-local)",
+                 takeover [force], resolve discard-local, verify <nr> [rate=<bytes/s>] [fix], verify-status)",
                 args.join(" ")
             ))),
         }

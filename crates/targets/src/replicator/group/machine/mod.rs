@@ -414,6 +414,9 @@ pub(crate) struct Machine {
     /// Another site accepted writes as primary from the same parent generation (what was
     /// found): reported in status until resolved.
     pub split_brain: Option<String>,
+    /// While an online verify runs: the regions (of `verify::VERIFY_REGION` bytes)
+    /// application writes touched (see `group::verify`).
+    pub verify_watch: Option<BTreeSet<(DevNr, u64)>>,
     /// A batch is with the appender (or its dirty-log flush is): not yet settled.
     pub appending: bool,
     /// Ring length, and the most bytes one batch may take of it.
@@ -458,6 +461,7 @@ impl Machine {
             secondary: log.site().role == dmrep_formats::replog::SiteRole::Secondary,
             fenced: None,
             split_brain: None,
+            verify_watch: None,
             appending: false,
             ring_len,
             // A batch must fit in the ring with room to spare, however small the log.

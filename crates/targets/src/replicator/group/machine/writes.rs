@@ -33,6 +33,12 @@ impl Machine {
             self.stats.writes += 1;
             self.stats.write_bytes += req.len;
         }
+        if let Some(w) = self.verify_watch.as_mut() {
+            let r = super::super::verify::VERIFY_REGION;
+            for region in req.offset / r..(req.offset + req.len).div_ceil(r) {
+                w.insert((dev_nr, region));
+            }
+        }
         self.queue.push_back(Pending { dev_nr, req, done, data: None, appended: 0, origin });
         fx.wake_appender = true;
         fx
