@@ -68,7 +68,8 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         | Command::Wait { .. }
         | Command::Roles(_)
         | Command::Events { .. }
-        | Command::Verify { .. } => {
+        | Command::Verify { .. }
+        | Command::Completions { .. } => {
             unreachable!("handled in main")
         }
     };

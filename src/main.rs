@@ -211,6 +211,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script, generated from this CLI, to standard output.
+    ///
+    /// e.g. `dmrep completions bash > /etc/bash_completion.d/dmrep`,
+    /// `dmrep completions zsh > "${fpath[1]}/_dmrep"`,
+    /// `dmrep completions fish > ~/.config/fish/completions/dmrep.fish`.
+    Completions { shell: clap_complete::Shell },
     /// Versions of this CLI, the daemon and the control protocol.
     Version {
         #[arg(long)]
@@ -286,6 +292,15 @@ fn main() -> ExitCode {
         Command::Log(cmd) => commands::log(cmd),
         Command::Roles(cmd) => roles::run(cmd, cli.control),
         Command::Events { now, json } => events::run(cli.control, now, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "dmrep",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Verify { group, slink, rate, fix, json } => verify::run(cli.control, &group, slink, rate, fix, json),
         Command::Wait { name, resync, timeout } => commands::wait(cli.control, &name, resync, timeout),
         other => commands::run(other, cli.control),

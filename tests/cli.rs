@@ -275,3 +275,23 @@ fn a_failed_daemon_start_leaves_no_socket_behind() {
     d.restart();
     assert_eq!(d.names(), ["lin"]);
 }
+
+/// Shell completions are generated from the CLI itself: every subcommand is in them, and
+/// the bash script parses.
+#[test]
+fn completions_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ok(std::process::Command::new(BIN).args(["completions", shell]));
+        for sub in ["create", "switchover", "takeover", "verify", "events", "role", "resolve"] {
+            assert!(out.contains(sub), "{shell} completions lack {sub}");
+        }
+        if shell == "bash" {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("dmrep.bash");
+            std::fs::write(&f, &out).unwrap();
+            run_ok(std::process::Command::new("bash").arg("-n").arg(&f));
+        }
+    }
+    let o = run(std::process::Command::new(BIN).args(["completions", "tcsh"]));
+    assert!(!o.status.success(), "an unknown shell is refused");
+}

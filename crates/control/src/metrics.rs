@@ -284,7 +284,7 @@ pub fn render(daemon: &Daemon) -> String {
         let (cum, sum) = s.write_latency.snapshot();
         e.histogram("dmrep_device_write_latency_seconds", "Latency of write requests.", &l, &cum, sum);
         e.gauge("dmrep_device_size_bytes", "Size of the device.", &l, dev.size() as f64);
-        e.gauge("dmrep_device_open_count", "NBD clients that have the device open.", &l, dev.open_count() as f64);
+        e.gauge("dmrep_device_open_clients", "NBD clients that have the device open.", &l, dev.open_count() as f64);
         if let Some(table) = dev.live_table() {
             for (_, t) in table.targets() {
                 if t.type_name() == "replicator" {
