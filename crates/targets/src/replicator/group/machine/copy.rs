@@ -340,7 +340,7 @@ impl Machine {
             rt.resync.regions_done += 1;
             rt.resync.bytes_copied += w.len;
             // Progress: every 64 regions copied.
-            if rt.resync.regions_done % 64 == 0 {
+            if rt.resync.regions_done.is_multiple_of(64) {
                 let left: u64 =
                     self.dirty.range((w.slink, 0)..=(w.slink, DevNr::MAX)).map(|(_, (l, _))| l.dirty_count()).sum();
                 let rt = &self.slinks[&w.slink];
