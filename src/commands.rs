@@ -58,7 +58,8 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Command::Status { name, json } => (Request::Status { name }, json),
         Command::Table { name, inactive, json } => (Request::Table { name, inactive }, json),
         Command::Info { name, json } => (Request::Info { name }, json),
-        Command::Ls { json } => (Request::List, json),
+        Command::Ls { tree: true, .. } => return tree(control),
+        Command::Ls { json, .. } => (Request::List, json),
         Command::Message { name, sector, message } => (Request::Message { name, sector, args: message }, false),
         Command::Version { json } => (Request::Version, json),
         Command::Daemon(_)
@@ -104,6 +105,46 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Response::Statuses { devices } => output::print_statuses(&devices, json),
         Response::Events { .. } => bail!("unexpected events answer"),
     }
+}
+
+/// `dmrep ls --tree`: devices that no other device uses, each with what it uses below.
+fn tree(control: Option<PathBuf>) -> Result<()> {
+    let mut client = Client::connect(&dmrep_control::control_path(control))?;
+    let Response::Tables { tables } = client.call(Request::Table { name: None, inactive: false })? else {
+        bail!("unexpected answer to a table request");
+    };
+    let uses = |t: &str| -> Vec<String> {
+        let mut u = dmrep_control::daemon::stacked_on(t);
+        for line in t.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if w.get(2) == Some(&"replicator-dev") {
+                u.extend(w.get(3).map(|s| s.to_string()));
+            }
+        }
+        u.sort();
+        u.dedup();
+        u
+    };
+    let deps: Vec<(String, Vec<String>)> = tables.iter().map(|t| (t.name.clone(), uses(&t.table))).collect();
+    let used: std::collections::BTreeSet<&String> = deps.iter().flat_map(|(_, u)| u).collect();
+    fn show(name: &str, deps: &[(String, Vec<String>)], prefix: &str, depth: usize) {
+        let kids = deps.iter().find(|(n, _)| n == name).map(|(_, u)| u.clone()).unwrap_or_default();
+        for (i, k) in kids.iter().enumerate() {
+            let last = i + 1 == kids.len();
+            println!("{prefix}{}{k}", if last { "└─" } else { "├─" });
+            if depth < 16 {
+                show(k, deps, &format!("{prefix}{}", if last { "  " } else { "│ " }), depth + 1);
+            }
+        }
+    }
+    if deps.is_empty() {
+        println!("No devices found");
+    }
+    for (name, _) in deps.iter().filter(|(n, _)| !used.contains(n)) {
+        println!("{name}");
+        show(name, &deps, " ", 0);
+    }
+    Ok(())
 }
 
 /// `dmrep log dump|check`: read-only inspection of a replication log.

@@ -136,6 +136,10 @@ pub enum Command {
     Ls {
         #[arg(long)]
         json: bool,
+        /// Show stacks: each device with the devices it uses (`/dev/mapper/NAME` in its
+        /// table, a replicator-dev's control device) below it.
+        #[arg(long, conflicts_with = "json")]
+        tree: bool,
     },
     /// Send a message to the target of the segment holding SECTOR.
     ///

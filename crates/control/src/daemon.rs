@@ -122,16 +122,34 @@ impl Daemon {
         *self.records.lock() = recs.clone();
         let mut ok = 0;
         let mut errors = Vec::new();
-        for r in recs.iter().filter(|r| r.companion_of.is_none()) {
-            match self.restore_one(r, &recs) {
-                Ok(()) => {
-                    info!(device = %r.name, "restored");
-                    ok += 1;
+        // Dependency order: a device stacked on others (`/dev/mapper/NAME` in its table)
+        // comes back after them, whatever order they were created in.
+        let names: Vec<&str> = recs.iter().map(|r| r.name.as_str()).collect();
+        let mut pending: Vec<&DeviceRecord> = recs.iter().filter(|r| r.companion_of.is_none()).collect();
+        let mut done: Vec<String> = Vec::new();
+        while !pending.is_empty() {
+            let ready = |r: &&DeviceRecord| {
+                stacked_on(&r.table).iter().all(|d| *d == r.name || done.contains(d) || !names.contains(&d.as_str()))
+            };
+            let mut batch: Vec<&DeviceRecord> = pending.iter().copied().filter(ready).collect();
+            if batch.is_empty() {
+                // A cycle: each fails with its own reason.
+                batch = pending.clone();
+            }
+            pending.retain(|r| !batch.iter().any(|b| b.uuid == r.uuid));
+            for r in batch {
+                match self.restore_one(r, &recs) {
+                    Ok(()) => {
+                        info!(device = %r.name, "restored");
+                        ok += 1;
+                    }
+                    Err(e) => {
+                        error!(device = %r.name, "could not restore: {e}");
+                        errors.push(format!("{}: {e}", r.name));
+                    }
                 }
-                Err(e) => {
-                    error!(device = %r.name, "could not restore: {e}");
-                    errors.push(format!("{}: {e}", r.name));
-                }
+                done.push(r.name.clone());
+                done.extend(recs.iter().filter(|c| c.companion_of.as_deref() == Some(&r.name)).map(|c| c.name.clone()));
             }
         }
         Ok((ok, errors))
@@ -494,6 +512,7 @@ impl Daemon {
                     .filter(|r| r.companion_of.as_deref() == Some(&name))
                     .map(|r| r.name.clone())
                     .collect();
+                let mapper = format!("/dev/mapper/{name}");
                 let users: Vec<String> = self
                     .devices
                     .list()
@@ -501,7 +520,10 @@ impl Daemon {
                     .filter(|d| !companions.contains(&d.name()))
                     .filter(|d| {
                         d.live_table().is_some_and(|t| {
-                            t.targets().any(|(s, _)| s.target == "replicator-dev" && s.args.first() == Some(&name))
+                            t.targets().any(|(s, _)| {
+                                (s.target == "replicator-dev" && s.args.first() == Some(&name))
+                                    || s.args.iter().any(|a| *a == mapper)
+                            })
                         })
                     })
                     .map(|d| d.name())
@@ -766,4 +788,9 @@ impl Daemon {
         out.push(Event::new(Action::Exists, "-", &[]));
         out
     }
+}
+
+/// The devices of this daemon a table is stacked on (`/dev/mapper/NAME` words).
+pub fn stacked_on(table: &str) -> Vec<String> {
+    table.split_whitespace().filter_map(|w| w.strip_prefix("/dev/mapper/")).map(str::to_string).collect()
 }

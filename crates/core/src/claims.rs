@@ -44,6 +44,8 @@ pub enum FileId {
     Inode { dev: u64, ino: u64 },
     /// A block device: the device number it opens (not the inode of its node).
     Block { rdev: u64 },
+    /// A mapped device of this daemon (`/dev/mapper/NAME` in a table): a hash of its UUID.
+    Mapped { id: u64 },
 }
 
 impl FileId {
@@ -162,7 +164,8 @@ fn user(owner: &Owner, role: &str) -> String {
 
 /// The claims on one file, and the open file holding its lock against other processes.
 struct Entry {
-    _lock: File,
+    /// The open file holding the lock other processes see (none for a mapped device).
+    _lock: Option<File>,
     claims: Vec<Held>,
 }
 
@@ -225,12 +228,48 @@ impl Claims {
                 if !try_lock_exclusive(&file).map_err(io_err)? {
                     return Err(ClaimError::Locked { path: shown, pid: lock_holder(&meta) });
                 }
-                files.insert(id, Entry { _lock: file, claims: Vec::new() });
+                files.insert(id, Entry { _lock: Some(file), claims: Vec::new() });
             }
         }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = files.get_mut(&id).expect("entry present");
         entry.claims.push(Held { id: n, owner: owner.clone(), role, range, path: shown });
+        Ok(Claim { registry: self.clone(), file: id, id: n })
+    }
+
+    /// Claim `range` of mapped device `uuid` (shown as `shown`) for `role` of `owner`:
+    /// a table stacked on another device of this daemon. The same rules as for files.
+    pub fn claim_mapped(
+        self: &Arc<Self>,
+        owner: &Owner,
+        role: impl Into<String>,
+        uuid: &str,
+        shown: &str,
+        range: Range<u64>,
+    ) -> Result<Claim, ClaimError> {
+        use std::hash::{Hash, Hasher};
+        let role = role.into();
+        let mut hs = std::collections::hash_map::DefaultHasher::new();
+        uuid.hash(&mut hs);
+        let id = FileId::Mapped { id: hs.finish() };
+        let mut files = self.files.lock();
+        let entry = files.entry(id).or_insert_with(|| Entry { _lock: None, claims: Vec::new() });
+        let clash = entry.claims.iter().find(|h| {
+            overlaps(&h.range, &range)
+                && !(h.owner.device == owner.device && (h.owner.scope != owner.scope || h.role == role))
+        });
+        if let Some(h) = clash {
+            return Err(ClaimError::Overlap(Box::new(Overlap {
+                path: shown.to_string(),
+                user: user(owner, &role),
+                range,
+                other: h.user(),
+                other_range: h.range.clone(),
+                other_path: h.path.clone(),
+            })));
+        }
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        entry.claims.push(Held { id: n, owner: owner.clone(), role, range, path: shown.to_string() });
         Ok(Claim { registry: self.clone(), file: id, id: n })
     }
 

@@ -23,12 +23,60 @@ pub(crate) fn open_device(
     need_sectors: u64,
     role: String,
 ) -> Result<(Arc<dyn BlockBackend>, Claim), TargetError> {
+    if let Some(name) = path.strip_prefix(MAPPER) {
+        return open_mapped(ctx, target, name, offset_sectors, need_sectors, role);
+    }
     let be =
         FileBackend::open(Path::new(path)).map_err(|e| TargetError::Device { path: path.to_string(), source: e })?;
     let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
     match end {
         Some(end) if end <= be.size() => {
             let claim = ctx.claim(path, sectors_to_bytes(offset_sectors)..end, role)?;
+            Ok((Arc::new(be), claim))
+        }
+        _ => Err(TargetError::params(
+            target,
+            format!(
+                "{path}: segment runs past the end of the device (needs sectors {offset_sectors}..{}, device has {} sectors)",
+                offset_sectors.saturating_add(need_sectors),
+                be.size() / 512
+            ),
+        )),
+    }
+}
+
+/// The prefix that names another device of this daemon in a table (stacking).
+pub const MAPPER: &str = "/dev/mapper/";
+
+/// `/dev/mapper/NAME`: device NAME of this daemon as the back-end (stacking), with the
+/// same checks as a file: it must exist (and not be the device being built), hold the
+/// segment, and the range must not be claimed by another table.
+fn open_mapped(
+    ctx: &BuildContext<'_>,
+    target: &'static str,
+    name: &str,
+    offset_sectors: u64,
+    need_sectors: u64,
+    role: String,
+) -> Result<(Arc<dyn BlockBackend>, Claim), TargetError> {
+    let path = format!("{MAPPER}{name}");
+    if name == ctx.device_name {
+        return Err(TargetError::params(target, format!("{path}: a device cannot be stacked on itself")));
+    }
+    let dev = ctx.devices.get(name).ok_or_else(|| {
+        TargetError::params(
+            target,
+            format!("{path}: no device named {name} in this daemon (a /dev/mapper/NAME path names one of its devices)"),
+        )
+    })?;
+    let be = dmrep_core::device::MappedBackend::new(dev.clone());
+    let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
+    match end {
+        Some(end) if end <= be.size() => {
+            let claim = ctx
+                .devices
+                .claims()
+                .claim_mapped(&ctx.owner, role, dev.uuid(), &path, sectors_to_bytes(offset_sectors)..end)?;
             Ok((Arc::new(be), claim))
         }
         _ => Err(TargetError::params(
