@@ -522,7 +522,7 @@ impl Daemon {
                         d.live_table().is_some_and(|t| {
                             t.targets().any(|(s, _)| {
                                 (s.target == "replicator-dev" && s.args.first() == Some(&name))
-                                    || s.args.iter().any(|a| *a == mapper)
+                                    || s.args.contains(&mapper)
                             })
                         })
                     })

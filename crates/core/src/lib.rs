@@ -20,6 +20,7 @@ pub mod events;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod iostats;
+pub mod mapped;
 pub mod registry;
 pub mod target;
 pub mod units;

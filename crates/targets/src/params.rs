@@ -69,7 +69,7 @@ fn open_mapped(
             format!("{path}: no device named {name} in this daemon (a /dev/mapper/NAME path names one of its devices)"),
         )
     })?;
-    let be = dmrep_core::device::MappedBackend::new(dev.clone());
+    let be = dmrep_core::mapped::MappedBackend::new(dev.clone());
     let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
     match end {
         Some(end) if end <= be.size() => {
