@@ -318,6 +318,8 @@ fn partition_takeover_stale_primary_refused_then_failback_copies_only_what_diffe
     let o = qemu_io(&paris.d.uri("g-0"), &["write -P 7 20M 4k"]);
     assert!(!o.status.success() || show(&o).contains("failed"), "a fenced primary took a write: {}", show(&o));
     assert!(paris.d.log_text().contains("fenced"), "the daemon log says why");
+    let e = paris.d.cli_err(&["takeover", "g"]);
+    assert!(e.contains("fenced primary") && e.contains("--force"), "{e}");
     for s in [tokyo, osaka] {
         for off in [2, 5, 9, 20] {
             assert_ne!(read_at(&s.dev(0), off * MIB, 1)[0], 7, "{}", s.name);

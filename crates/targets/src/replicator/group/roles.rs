@@ -506,8 +506,21 @@ impl Group {
     /// or the devices are mid-resync, unless `force`.
     pub fn takeover(&self, force: bool) -> Result<Takeover, GroupError> {
         let site = self.site();
-        if site.role != SiteRole::Secondary {
-            return Err(err(format!("group {} is already the primary here", self.name())));
+        // A fenced primary (a switchover whose outcome it could not learn) may take a new
+        // generation by force: if the other site did promote itself, the two are then a
+        // split brain, found and reported at the next handshake, never merged.
+        let fenced_primary = site.role == SiteRole::Primary && self.fenced().is_some();
+        if site.role != SiteRole::Secondary && !(fenced_primary && force) {
+            return Err(err(if fenced_primary {
+                format!(
+                    "group {} is a fenced primary here ({}): --force takes a new generation (a split brain if \
+                     the other site took one too)",
+                    self.name(),
+                    self.fenced().unwrap_or_default()
+                )
+            } else {
+                format!("group {} is already the primary here", self.name())
+            }));
         }
         let f = self.following.lock().clone();
         // A primary heard from lately is alive (it sends at least every third of its link

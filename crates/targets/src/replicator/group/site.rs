@@ -77,12 +77,13 @@ impl Group {
     pub fn set_site(&self, change: impl FnOnce(&mut SiteState)) -> Result<(), GroupError> {
         // The superblock write happens outside the machine's lock (no I/O under it); the
         // machine learns the role once it is durable.
-        let before = self.inner.log.site().role;
+        let before = self.inner.log.site();
         self.inner.log.set_site(change).map_err(GroupError::Log)?;
-        let now = self.inner.log.site().role;
-        if now != before {
-            info!(group = %self.inner.name, from = before.name(), to = now.name(), "site role changed");
-            self.inner.control(super::machine::Control::SetRole(now == SiteRole::Secondary))?;
+        let now = self.inner.log.site();
+        if (now.role, now.generation()) != (before.role, before.generation()) {
+            info!(group = %self.inner.name, from = before.role.name(), to = now.role.name(),
+                generation = now.generation(), "site role or generation changed");
+            self.inner.control(super::machine::Control::SetRole(now.role == SiteRole::Secondary))?;
         }
         Ok(())
     }
