@@ -14,22 +14,6 @@ use common::sites::*;
 use common::*;
 use dmrep_faultproxy::FaultProxy;
 
-fn site(name: &str, pki: &std::path::Path) -> (Daemon, SocketAddr) {
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (n, p) = (name.to_string(), pki.to_path_buf());
-    let d = Daemon::start_with(move |_| {
-        vec![
-            "--site-name".into(),
-            n,
-            "--tls-dir".into(),
-            p.display().to_string(),
-            "--site-listen".into(),
-            listen.to_string(),
-        ]
-    });
-    (d, listen)
-}
-
 /// `dmrep events` (or with `args`) running against `d`, its lines collected.
 struct Reader {
     _child: KillOnDrop,
@@ -88,8 +72,8 @@ impl Reader {
 fn events_follow_create_link_cut_dirty_mode_resync_and_removal_in_order() {
     require!("qemu-io");
     let pki = pki(&["paris", "tokyo"]);
-    let (tokyo, tokyo_at) = site("tokyo", pki.path());
-    let (paris, paris_at) = site("paris", pki.path());
+    let (tokyo, tokyo_at) = site_daemon("tokyo", pki.path());
+    let (paris, paris_at) = site_daemon("paris", pki.path());
     let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), tokyo_at).unwrap();
     let table = |d: &Daemon, secondary: bool, peer: &str, addr: SocketAddr| {
         let dev = d.make_file_s("dev0", 32 << 20);

@@ -47,19 +47,7 @@ struct Site {
 
 impl Site {
     fn start(name: &str, pki: &Path) -> Site {
-        let port = free_port();
-        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let (n, p) = (name.to_string(), pki.to_path_buf());
-        let d = Daemon::start_with(move |_| {
-            vec![
-                "--site-name".into(),
-                n,
-                "--tls-dir".into(),
-                p.display().to_string(),
-                "--site-listen".into(),
-                listen.to_string(),
-            ]
-        });
+        let (d, listen) = site_daemon(name, pki);
         Site { d, name: name.to_string(), listen }
     }
 

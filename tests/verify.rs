@@ -101,23 +101,8 @@ fn verify_under_writes_reports_no_false_mismatch() {
 fn a_remote_sites_copy_is_verified_there() {
     require!("qemu-io");
     let pki = pki(&["paris", "tokyo"]);
-    let start = |name: &str| {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let (n, p) = (name.to_string(), pki.path().to_path_buf());
-        let d = Daemon::start_with(move |_| {
-            vec![
-                "--site-name".into(),
-                n,
-                "--tls-dir".into(),
-                p.display().to_string(),
-                "--site-listen".into(),
-                listen.to_string(),
-            ]
-        });
-        (d, listen)
-    };
-    let (tokyo, tokyo_at) = start("tokyo");
-    let (paris, paris_at) = start("paris");
+    let (tokyo, tokyo_at) = site_daemon("tokyo", pki.path());
+    let (paris, paris_at) = site_daemon("paris", pki.path());
     let table = |d: &Daemon, secondary: bool, peer: &str, addr: SocketAddr| {
         let dev = d.make_file_s("dev0", 32 * MIB);
         let (n, role) = if secondary { (5, " role=secondary") } else { (4, "") };

@@ -25,3 +25,21 @@ pub fn group_status(d: &Daemon, name: &str) -> serde_json::Value {
 pub fn slink_of(status: &serde_json::Value, nr: u64) -> serde_json::Value {
     status["slinks"].as_array().unwrap().iter().find(|s| s["slink"] == nr).cloned().unwrap()
 }
+
+/// A daemon that is site `name`: its site name, the TLS files `dmrep pki` made in `pki`,
+/// and a site listener on a free loopback port (returned).
+pub fn site_daemon(name: &str, pki: &std::path::Path) -> (Daemon, std::net::SocketAddr) {
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+    let (n, p) = (name.to_string(), pki.to_path_buf());
+    let d = Daemon::start_with(move |_| {
+        vec![
+            "--site-name".into(),
+            n,
+            "--tls-dir".into(),
+            p.display().to_string(),
+            "--site-listen".into(),
+            listen.to_string(),
+        ]
+    });
+    (d, listen)
+}

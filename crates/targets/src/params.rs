@@ -28,18 +28,28 @@ pub(crate) fn open_device(
     }
     let be =
         FileBackend::open(Path::new(path)).map_err(|e| TargetError::Device { path: path.to_string(), source: e })?;
-    let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
-    match end {
-        Some(end) if end <= be.size() => {
-            let claim = ctx.claim(path, sectors_to_bytes(offset_sectors)..end, role)?;
-            Ok((Arc::new(be), claim))
-        }
+    let range = fits(target, path, offset_sectors, need_sectors, be.size())?;
+    let claim = ctx.claim(path, range, role)?;
+    Ok((Arc::new(be), claim))
+}
+
+/// The bytes `need_sectors` from `offset_sectors` take of a device of `size` bytes at
+/// `path`, or why they do not fit.
+fn fits(
+    target: &'static str,
+    path: &str,
+    offset_sectors: u64,
+    need_sectors: u64,
+    size: u64,
+) -> Result<std::ops::Range<u64>, TargetError> {
+    match offset_sectors.checked_add(need_sectors).map(sectors_to_bytes) {
+        Some(end) if end <= size => Ok(sectors_to_bytes(offset_sectors)..end),
         _ => Err(TargetError::params(
             target,
             format!(
                 "{path}: segment runs past the end of the device (needs sectors {offset_sectors}..{}, device has {} sectors)",
                 offset_sectors.saturating_add(need_sectors),
-                be.size() / 512
+                size / 512
             ),
         )),
     }
@@ -70,24 +80,9 @@ fn open_mapped(
         )
     })?;
     let be = dmrep_core::mapped::MappedBackend::new(dev.clone());
-    let end = offset_sectors.checked_add(need_sectors).map(sectors_to_bytes);
-    match end {
-        Some(end) if end <= be.size() => {
-            let claim = ctx
-                .devices
-                .claims()
-                .claim_mapped(&ctx.owner, role, dev.uuid(), &path, sectors_to_bytes(offset_sectors)..end)?;
-            Ok((Arc::new(be), claim))
-        }
-        _ => Err(TargetError::params(
-            target,
-            format!(
-                "{path}: segment runs past the end of the device (needs sectors {offset_sectors}..{}, device has {} sectors)",
-                offset_sectors.saturating_add(need_sectors),
-                be.size() / 512
-            ),
-        )),
-    }
+    let range = fits(target, &path, offset_sectors, need_sectors, be.size())?;
+    let claim = ctx.devices.claims().claim_mapped(&ctx.owner, role, dev.uuid(), &path, range)?;
+    Ok((Arc::new(be), claim))
 }
 
 /// Check the parameter count.
