@@ -22,7 +22,7 @@ mod wof;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,23 +38,7 @@ use wof::*;
 const DEV_SECTORS: u64 = 65536;
 const NBLOCKS: u64 = 2048;
 
-/// A site: a daemon with a site name, TLS files and a site listener.
-struct Site {
-    d: Daemon,
-    name: String,
-    listen: SocketAddr,
-}
-
 impl Site {
-    fn start(name: &str, pki: &Path) -> Site {
-        let (d, listen) = site_daemon(name, pki);
-        Site { d, name: name.to_string(), listen }
-    }
-
-    fn dev(&self, n: u32) -> PathBuf {
-        self.d.dir().join(format!("dev{n}"))
-    }
-
     /// Group `g` of `ndev` devices: this site's devices on SLINK 0, the peer on SLINK 1.
     fn table(
         &self,

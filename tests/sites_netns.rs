@@ -219,18 +219,7 @@ struct Site {
 impl Site {
     /// Started under `wrap` (`ip netns exec NS`, or nothing), listening on `listen`.
     fn start(name: &str, pki: &Path, listen: SocketAddr, wrap: Vec<String>) -> Site {
-        let (n, p) = (name.to_string(), pki.to_path_buf());
-        let d = Daemon::start_wrapped(wrap, move |_| {
-            vec![
-                "--site-name".into(),
-                n,
-                "--tls-dir".into(),
-                p.display().to_string(),
-                "--site-listen".into(),
-                listen.to_string(),
-            ]
-        });
-        Site { d, listen }
+        Site { d: site_daemon_at(name, pki, listen, wrap), listen }
     }
 
     fn dev(&self) -> PathBuf {

@@ -14,7 +14,7 @@ mod nbd_client;
 mod wof;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,22 +34,7 @@ const MIB: u64 = 1 << 20;
 /// A proxy on the link from one site to another (indexes into the sites).
 type Proxied = ((usize, usize), FaultProxy);
 
-struct Site {
-    d: Daemon,
-    name: String,
-    listen: SocketAddr,
-}
-
 impl Site {
-    fn start(name: &str, pki: &Path) -> Site {
-        let (d, listen) = site_daemon(name, pki);
-        Site { d, name: name.to_string(), listen }
-    }
-
-    fn dev(&self, n: u32) -> PathBuf {
-        self.d.dir().join(format!("dev{n}"))
-    }
-
     /// Group `g` of 2 devices: this site's on SLINK 0, then one net SLINK per peer
     /// (numbered from 1 in the order given), reached at the address given.
     fn create(&self, secondary: bool, peers: &[(&str, SocketAddr)], policy: &str) {

@@ -30,8 +30,13 @@ pub fn slink_of(status: &serde_json::Value, nr: u64) -> serde_json::Value {
 /// and a site listener on a free loopback port (returned).
 pub fn site_daemon(name: &str, pki: &std::path::Path) -> (Daemon, std::net::SocketAddr) {
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+    (site_daemon_at(name, pki, listen, Vec::new()), listen)
+}
+
+/// Site `name` listening on `listen`, started under `wrap` (`ip netns exec NS`, or nothing).
+pub fn site_daemon_at(name: &str, pki: &std::path::Path, listen: std::net::SocketAddr, wrap: Vec<String>) -> Daemon {
     let (n, p) = (name.to_string(), pki.to_path_buf());
-    let d = Daemon::start_with(move |_| {
+    Daemon::start_wrapped(wrap, move |_| {
         vec![
             "--site-name".into(),
             n,
@@ -40,6 +45,25 @@ pub fn site_daemon(name: &str, pki: &std::path::Path) -> (Daemon, std::net::Sock
             "--site-listen".into(),
             listen.to_string(),
         ]
-    });
-    (d, listen)
+    })
+}
+
+/// A site of a test: its daemon, name and site listener. Each test file adds what it
+/// needs (tables, status views) in an `impl Site` of its own.
+pub struct Site {
+    pub d: Daemon,
+    pub name: String,
+    pub listen: std::net::SocketAddr,
+}
+
+impl Site {
+    pub fn start(name: &str, pki: &std::path::Path) -> Site {
+        let (d, listen) = site_daemon(name, pki);
+        Site { d, name: name.to_string(), listen }
+    }
+
+    /// The site's device file `dev<n>` (in its daemon's directory).
+    pub fn dev(&self, n: u32) -> std::path::PathBuf {
+        self.d.dir().join(format!("dev{n}"))
+    }
 }
