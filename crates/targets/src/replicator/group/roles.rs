@@ -266,20 +266,8 @@ impl Group {
     /// A standby SLINK out of ordered mode whose site has everything this site has:
     /// ordered again at the log's tail, its dirty regions cleared.
     fn standby_caught_up(&self, nr: SlinkNr) {
-        let logs: Vec<_> = {
-            let m = self.inner.m.lock();
-            m.dirty.range((nr, 0)..=(nr, u32::MAX)).map(|(_, (l, _))| l.clone()).collect()
-        };
-        for l in &logs {
-            let mut r = 0;
-            while let Some(d) = l.next_dirty(r) {
-                l.clear(d);
-                r = d + 1;
-            }
-        }
-        let done = logs
-            .iter()
-            .try_for_each(|l| l.flush())
+        let done = self
+            .clear_dirty(nr)
             .map_err(|e| e.to_string())
             .and_then(|()| self.inner.log.register_slink(nr).map_err(|e| e.to_string()));
         match done {
@@ -289,6 +277,13 @@ impl Group {
             }
             Err(e) => warn!(group = %self.inner.name, slink = nr, "standby slink stays out of ordered mode: {e}"),
         }
+    }
+
+    /// Every dirty region of SLINK `nr` is moot: cleared, durably (before the SLINK is
+    /// registered in the log again, so a crash never finds it ordered with stale marks).
+    fn clear_dirty(&self, nr: SlinkNr) -> std::io::Result<()> {
+        let logs = self.inner.m.lock().clear_dirty(nr);
+        logs.iter().try_for_each(|l| l.flush())
     }
 
     /// Regions of the entries the log holds past history seq `after`, and the dirty
@@ -336,6 +331,7 @@ impl Group {
         let (_, unordered) = self.inner.m.lock().discard_outstanding()?;
         let log = &self.inner.log;
         for nr in &unordered {
+            self.clear_dirty(*nr).map_err(|source| GroupError::DirtyLog { slink: *nr, source })?;
             log.register_slink(*nr).map_err(GroupError::Log)?;
         }
         log.cursors_to_tail().map_err(GroupError::Log)?;

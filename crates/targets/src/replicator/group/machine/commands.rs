@@ -53,26 +53,13 @@ impl Machine {
             },
             Control::Invalidate(slink) => return self.invalidate(now, slink),
             Control::SetRole(secondary) => return Ok(self.set_role(now, secondary)),
-            Control::Fence(why) => self.fence(why),
+            Control::Fence(why) => return Ok(self.fence(why)),
             Control::ProbeNow(nr) => {
                 if let Some(rt) = self.slinks.get_mut(&nr).filter(|rt| !rt.accessible() && !rt.standby) {
                     rt.probe_now(now);
                 }
             }
-            Control::SplitBrain(found) => {
-                if found.is_some() != self.split_brain.is_some() {
-                    let mut f = vec![("split_brain", found.is_some().to_string())];
-                    if let Some(w) = &found {
-                        f.push(("reason", w.clone()));
-                    }
-                    group_event("site", &self.name, &f);
-                }
-                if let (Some(why), None) = (&found, &self.split_brain) {
-                    tracing::error!(group = %self.name, "SPLIT BRAIN: {why}; both sides keep serving as they are \
-                        until an operator runs `dmrep resolve {} --discard-local` at the losing site", self.name);
-                }
-                self.split_brain = found;
-            }
+            Control::SplitBrain(found) => self.set_split_brain(found),
             Control::StandbyAcked { slink, through } => return Ok(self.standby_acked(slink, through)),
             Control::SiteResync { slink, after, regions, full, why } => {
                 return self.site_resync(now, slink, after, &regions, full, &why)

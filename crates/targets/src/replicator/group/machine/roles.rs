@@ -27,14 +27,7 @@ impl Machine {
         let generation = self.log.site().generation().to_string();
         group_event("site", &self.name, &[("role", role.into()), ("generation", generation)]);
         if secondary {
-            let queue = std::mem::take(&mut self.queue);
-            for p in queue {
-                if p.origin.is_some() {
-                    self.queue.push_back(p);
-                } else {
-                    fx.fail(p.req, p.done, Errno::ROFS);
-                }
-            }
+            self.refuse_queued_writes(&mut fx, Errno::ROFS);
         }
         // A secondary takes no application writes anyway; a promoted site takes them.
         if let Some(why) = self.fenced.take() {
@@ -66,12 +59,63 @@ impl Machine {
 
     /// A newer generation of the group exists: application writes are refused from now
     /// on (EPERM), until this site is demoted or promoted again.
-    pub(super) fn fence(&mut self, why: String) {
+    pub(super) fn fence(&mut self, why: String) -> Effects {
+        let mut fx = Effects::default();
         if self.fenced.is_none() {
             warn!(group = %self.name, "fenced: writes are refused from now on: {why}");
             group_event("site", &self.name, &[("fenced", "true".into()), ("reason", why.clone())]);
         }
         self.fenced = Some(why);
+        // Writes queued and not yet in the log (held by a switchover, say) are refused too.
+        self.refuse_queued_writes(&mut fx, Errno::PERM);
+        fx
+    }
+
+    /// Every dirty region of SLINK `nr` is moot: cleared in memory; the dirty logs
+    /// returned are for the caller to flush (no I/O under the machine's lock).
+    pub(crate) fn clear_dirty(&mut self, nr: SlinkNr) -> Vec<Arc<dyn DirtyLog>> {
+        let logs: Vec<Arc<dyn DirtyLog>> =
+            self.dirty.range((nr, 0)..=(nr, DevNr::MAX)).map(|(_, (l, _))| l.clone()).collect();
+        for log in &logs {
+            let mut r = 0;
+            while let Some(d) = log.next_dirty(r) {
+                log.clear(d);
+                r = d + 1;
+            }
+        }
+        self.missed.retain(|k| k.0 != nr);
+        self.touched.retain(|k| k.0 != nr);
+        logs
+    }
+
+    /// Fail the application writes still queued (never appended) with `errno`; writes
+    /// received from a primary stay.
+    fn refuse_queued_writes(&mut self, fx: &mut Effects, errno: Errno) {
+        let queue = std::mem::take(&mut self.queue);
+        for p in queue {
+            if p.origin.is_some() {
+                self.queue.push_back(p);
+            } else {
+                fx.fail(p.req, p.done, errno);
+            }
+        }
+    }
+
+    /// A split brain was found (`Some`: what) or is over (`None`): reported in status,
+    /// the events and the daemon log until resolved.
+    pub(super) fn set_split_brain(&mut self, found: Option<String>) {
+        if found.is_some() != self.split_brain.is_some() {
+            let mut f = vec![("split_brain", found.is_some().to_string())];
+            if let Some(w) = &found {
+                f.push(("reason", w.clone()));
+            }
+            group_event("site", &self.name, &f);
+        }
+        if let (Some(why), None) = (&found, &self.split_brain) {
+            tracing::error!(group = %self.name, "SPLIT BRAIN: {why}; both sides keep serving as they are \
+                until an operator runs `dmrep resolve {} --discard-local` at the losing site", self.name);
+        }
+        self.split_brain = found;
     }
 
     /// A standby SLINK's site has received everything through `through` (a local seq).
@@ -102,7 +146,8 @@ impl Machine {
     /// this site's history after some point is being replaced by another site's (which
     /// then answers for every other site). SLINK 0 must have applied everything and no
     /// write may be under way. Returns the log's last seq (every cursor goes there) and
-    /// the SLINKs out of ordered mode (to register in the log again).
+    /// the SLINKs out of ordered mode (their dirty logs to flush, then to register in the
+    /// log again).
     pub(crate) fn discard_outstanding(&mut self) -> Result<(Seq, Vec<SlinkNr>), GroupError> {
         let busy = |why: &str| Err(GroupError::Role(format!("cannot discard this site's history now: {why}")));
         if self.slinks.get(&0).is_some_and(|rt| !rt.outstanding.is_empty()) {
@@ -127,15 +172,7 @@ impl Machine {
             }
         }
         for nr in &unordered {
-            for ((_, _), (log, _)) in self.dirty.range((*nr, 0)..=(*nr, DevNr::MAX)) {
-                let mut r = 0;
-                while let Some(d) = log.next_dirty(r) {
-                    log.clear(d);
-                    r = d + 1;
-                }
-            }
-            self.missed.retain(|k| k.0 != *nr);
-            self.touched.retain(|k| k.0 != *nr);
+            self.clear_dirty(*nr);
         }
         self.prune_cache();
         Ok((tail, unordered))

@@ -75,6 +75,15 @@ fn fenced_and_demoted_sites_refuse_application_writes() {
     h.control(Control::Freeze(false));
     h.settle();
     assert!(h.log.entries_from(0, 8).is_empty(), "nothing was appended");
+    // A write held (queued) when the fence comes is refused too, never appended.
+    h.control(Control::SetRole(false));
+    h.control(Control::Freeze(true));
+    let c = h.write(0, 0, 3, 4096);
+    h.control(Control::Fence("site b is the primary of generation 3".into()));
+    assert_eq!(h.replies.errno(c), Some(rustix::io::Errno::PERM.raw_os_error()));
+    h.control(Control::Freeze(false));
+    h.settle();
+    assert!(h.log.entries_from(0, 8).is_empty(), "nothing was appended");
 }
 
 /// A site whose history went past ours (an old primary failing back): the entries it
