@@ -26,6 +26,9 @@
 //!   been part of, see [`crate::lineage`]) instead of a bare generation number, and site
 //!   flags (inconsistent, discard-local). A version 2 superblock reads as a lineage of its
 //!   one generation (nonce 0, from seq 1) and no flags.
+//! - 4: entries may be markers (record kind 5, see [`RecordKind::Marker`]); the layout is
+//!   version 3's. The version says so to older builds, which would otherwise stop reading
+//!   the ring at the first marker.
 
 use crate::le::*;
 use crate::lineage::{GenRecord, Lineage, GEN_RECORD_LEN, MAX_GENERATIONS};
@@ -73,7 +76,7 @@ fn decode_site(b: &[u8], version: u32) -> Result<SiteState, SuperblockError> {
 
 /// On-disk format version written by this build. Opening a log with a higher version
 /// is refused: its layout may mean something this build does not know.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Superblock magic: names the region as a dmrep log for `dmrep log dump` and for
 /// `auto`, which must not mistake arbitrary data for a log.
@@ -582,7 +585,15 @@ pub enum RecordKind {
     /// "The next record is at the ring start": written at the tail when the next entry
     /// does not fit before the ring end. Carries the seq of that next entry.
     Wrap = 4,
+    /// A point in the group's history that a site acts on when it has applied every entry
+    /// before it (a group-consistent snapshot). `len` bytes of data follow the header: the
+    /// marker's description (see `replicator::marker` in dmrep-targets), at most
+    /// [`MAX_MARKER_DATA`]. It changes no device.
+    Marker = 5,
 }
+
+/// Largest description a marker entry carries.
+pub const MAX_MARKER_DATA: u32 = 4096;
 
 impl RecordKind {
     fn from_u8(v: u8) -> Option<Self> {
@@ -591,6 +602,7 @@ impl RecordKind {
             2 => RecordKind::WriteZeroes,
             3 => RecordKind::Discard,
             4 => RecordKind::Wrap,
+            5 => RecordKind::Marker,
             _ => return None,
         })
     }
@@ -601,7 +613,13 @@ impl RecordKind {
             RecordKind::WriteZeroes => "write_zeroes",
             RecordKind::Discard => "discard",
             RecordKind::Wrap => "wrap",
+            RecordKind::Marker => "marker",
         }
+    }
+
+    /// Whether `len` bytes of data follow the header.
+    pub fn has_data(self) -> bool {
+        matches!(self, RecordKind::Write | RecordKind::Marker)
     }
 }
 
@@ -613,7 +631,7 @@ impl RecordKind {
 /// |----:|----:|-------|-----|
 /// | 0 | 4 | magic `"DMRE"` | tells a header from data |
 /// | 4 | 2 | version u16 (= 1) | entries can evolve apart from the superblock |
-/// | 6 | 1 | kind u8: 1 write, 2 write-zeroes, 3 discard, 4 wrap | |
+/// | 6 | 1 | kind u8: 1 write, 2 write-zeroes, 3 discard, 4 wrap, 5 marker (format 4) | |
 /// | 7 | 1 | flags u8: bit 0 = last record of its epoch | a batch survives a crash whole or not at all |
 /// | 8 | 4 | header crc32c | over these 512 bytes with this field zeroed (data crc included) |
 /// | 12 | 4 | data crc32c | over the `len` data bytes (0 when there is no data) |
@@ -623,13 +641,13 @@ impl RecordKind {
 /// | 48 | 8 | incarnation | of the open that wrote it; non-decreasing along the ring |
 /// | 56 | 8 | offset | bytes on the device |
 /// | 64 | 4 | dev_nr | which device of the group |
-/// | 68 | 4 | len | bytes: of data (write) or of the range (write-zeroes, discard) |
+/// | 68 | 4 | len | bytes: of data (write, marker) or of the range (write-zeroes, discard) |
 /// | 72 | 8 | origin seq (version 2) | the primary's seq of the entry at a secondary; 0 at the primary (the entry's own seq) |
 /// | 80 | 256 | SLINK bitmap (see [`SlinkSet`]) | the SLINKs that needed this entry when appended |
 /// | 336 | 8 | origin time (version 2): microseconds since the Unix epoch when the primary appended it | lag in seconds, restore by time |
 /// | 344 | 168 | reserved, zero | |
 ///
-/// A write's data follows the header, padded with zeros to a multiple of 512.
+/// A write's (or marker's) data follows the header, padded with zeros to a multiple of 512.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryHeader {
     pub kind: RecordKind,
@@ -664,6 +682,8 @@ pub enum HeaderError {
     Flags(u8),
     #[error("wrap record with len {0} (must be 0)")]
     WrapLen(u32),
+    #[error("marker with {0} bytes of description (at most {MAX_MARKER_DATA})")]
+    MarkerLen(u32),
     #[error("{field} {value} is beyond the counter limit {MAX_COUNTER}")]
     Counter { field: &'static str, value: u64 },
 }
@@ -671,9 +691,10 @@ pub enum HeaderError {
 impl EntryHeader {
     /// Bytes of data that follow the header on disk (before padding).
     pub fn data_len(&self) -> u64 {
-        match self.kind {
-            RecordKind::Write => self.len as u64,
-            _ => 0,
+        if self.kind.has_data() {
+            self.len as u64
+        } else {
+            0
         }
     }
 
@@ -749,6 +770,9 @@ impl EntryHeader {
         let len = get_u32(b, 68);
         if kind == RecordKind::Wrap && len != 0 {
             return Err(HeaderError::WrapLen(len));
+        }
+        if kind == RecordKind::Marker && len > MAX_MARKER_DATA {
+            return Err(HeaderError::MarkerLen(len));
         }
         let (seq, epoch, incarnation) = (get_u64(b, 32), get_u64(b, 40), get_u64(b, 48));
         let origin_seq = get_u64(b, 72);
@@ -999,6 +1023,17 @@ mod tests {
                 data_crc: crc, uuid: [9; 16], seq, epoch, incarnation: inc, offset, dev_nr: dev, len,
                 slinks: SlinkSet::from_slinks(slinks), origin_seq: seq / 2, origin_time_us: offset,
             };
+            prop_assert_eq!(EntryHeader::decode(&h.encode()).unwrap(), h);
+        }
+
+        #[test]
+        fn marker_header_roundtrip(seq in 1..=MAX_COUNTER, len in 0..=MAX_MARKER_DATA) {
+            let h = EntryHeader {
+                kind: RecordKind::Marker, flags: FLAG_EPOCH_END, data_crc: 7, uuid: [3; 16], seq, epoch: seq,
+                incarnation: 1, offset: 0, dev_nr: 0, len, slinks: SlinkSet::from_slinks([0u16, 2]),
+                origin_seq: 0, origin_time_us: 5,
+            };
+            prop_assert_eq!(h.data_len(), len as u64);
             prop_assert_eq!(EntryHeader::decode(&h.encode()).unwrap(), h);
         }
 

@@ -359,6 +359,16 @@ wire_enum! {
         WriteZeroes = 2 => "write-zeroes",
         /// Discard `len` bytes at `offset`; no data.
         Discard = 3 => "discard",
+        /// A marker: `len` bytes of description follow (see the log's record kind 5);
+        /// no device changes.
+        Marker = 5 => "marker",
+    }
+}
+
+impl WireKind {
+    /// Whether `len` bytes of data follow the entry header.
+    pub fn has_data(self) -> bool {
+        matches!(self, WireKind::Write | WireKind::Marker)
     }
 }
 
@@ -926,7 +936,7 @@ pub struct WireEntry {
     pub kind: WireKind,
     /// Bytes of data for a write (equal to `data.len()`), of the range otherwise.
     pub len: u32,
-    /// The data of a write; empty otherwise.
+    /// The data of a write (the description of a marker); empty otherwise.
     pub data: Vec<u8>,
 }
 
@@ -943,7 +953,7 @@ pub struct WireEntry {
 /// | 0 | 4 | count u32 (at most 65536) | |
 /// | 4 | ... | entries, each a 48-byte header then its data | |
 ///
-/// Entry header (48 bytes; a write's `len` bytes of data follow it, unpadded):
+/// Entry header (48 bytes; a write's or marker's `len` bytes of data follow it, unpadded):
 ///
 /// | off | len | field | why |
 /// |----:|----:|-------|-----|
@@ -952,7 +962,7 @@ pub struct WireEntry {
 /// | 16 | 8 | origin_time_us u64 | append time at the primary, for lag reporting |
 /// | 24 | 8 | offset u64 | bytes on the device; offset + len fits in u64 |
 /// | 32 | 4 | dev_nr u32 | which device of the group |
-/// | 36 | 1 | kind u8 ([`WireKind`]): 1 write, 2 write-zeroes, 3 discard | |
+/// | 36 | 1 | kind u8 ([`WireKind`]): 1 write, 2 write-zeroes, 3 discard, 5 marker | |
 /// | 37 | 3 | reserved, zero | |
 /// | 40 | 4 | len u32 | bytes: of data (write) or of the range (write-zeroes, discard) |
 /// | 44 | 4 | data crc32c | over the data (0 without data): checked again when stored in the secondary's log |
@@ -977,7 +987,7 @@ impl EntryBatch {
             counter("entry seq", e.seq)?;
             counter("entry epoch", e.epoch)?;
             range("entry", e.offset, e.len as u64)?;
-            let data_len = if e.kind == WireKind::Write { e.len as usize } else { 0 };
+            let data_len = if e.kind.has_data() { e.len as usize } else { 0 };
             if e.data.len() != data_len {
                 let reason =
                     format!("seq {} ({}) has {} bytes of data, expected {data_len}", e.seq, e.kind, e.data.len());
@@ -1057,7 +1067,7 @@ impl EntryBatch {
             let len = get_u32(h, 40);
             let stored = get_u32(h, 44);
             let data = match kind {
-                WireKind::Write => {
+                WireKind::Write | WireKind::Marker => {
                     let data = r.take(len as usize)?;
                     let computed = crc32c::crc32c(data); // 0 for no data
                     if computed != stored {

@@ -502,6 +502,7 @@ fn wire_kind(k: EntryKind) -> WireKind {
         EntryKind::Write => WireKind::Write,
         EntryKind::WriteZeroes => WireKind::WriteZeroes,
         EntryKind::Discard => WireKind::Discard,
+        EntryKind::Marker => WireKind::Marker,
     }
 }
 

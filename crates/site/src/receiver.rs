@@ -400,20 +400,25 @@ fn receive(group: &Group, dev_bytes: u64, batch: EntryBatch) -> Result<u64, Stri
     let sink = Arc::new(Batch::default());
     let fresh: Vec<_> = batch.entries.into_iter().filter(|e| e.seq > received).collect();
     let devices = group.device_numbers();
-    for e in &fresh {
+    for e in fresh.iter().filter(|e| e.kind != WireKind::Marker) {
         check_range(&devices, dev_bytes, e.dev_nr, e.offset, e.len as u64)
             .map_err(|why| format!("entry {} refused: {why}", e.seq))?;
     }
     sink.state.lock().0 = fresh.len();
     for (i, e) in fresh.into_iter().enumerate() {
+        let origin = Origin { seq: e.seq, time_us: e.origin_time_us };
+        let done = Completion::new(sink.clone(), i as u64);
         let op = match e.kind {
             WireKind::Write => Op::Write { fua: false },
             WireKind::WriteZeroes => Op::WriteZeroes { may_trim: false, fua: false },
             WireKind::Discard => Op::Discard,
+            WireKind::Marker => {
+                group.submit_received_marker(e.data, done, origin);
+                continue;
+            }
         };
         let req = Request::new(op, e.offset, e.len as u64, e.data, i as u64);
-        let done = Completion::new(sink.clone(), i as u64);
-        group.submit_received(e.dev_nr, req, done, Origin { seq: e.seq, time_us: e.origin_time_us });
+        group.submit_received(e.dev_nr, req, done, origin);
     }
     let mut s = sink.state.lock();
     while s.0 > 0 {

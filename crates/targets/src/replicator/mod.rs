@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod fallbehind;
 pub mod group;
 pub mod log;
+pub mod marker;
 pub mod overlay;
 pub mod slink;
 pub mod target;

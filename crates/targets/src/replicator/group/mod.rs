@@ -28,11 +28,13 @@ use tracing::{info, warn};
 use super::dirty::DirtyLog;
 use super::fallbehind::{InForce, Policy, Thresholds};
 use super::log::{EntryKind, EntryMeta, LogStats, Origin, RecoveryReport, RingLog};
+use super::marker::{self, MarkerHook};
 use super::slink::SlinkHandler;
 
 mod cursors;
 pub mod error;
 mod machine;
+pub mod markers;
 pub mod roles;
 pub mod site;
 mod status;
@@ -132,6 +134,10 @@ pub(crate) struct Inner {
     appender_cv: Condvar,
     copier_cv: Condvar,
     pub recovery: Option<RecoveryReport>,
+    /// Acts on the markers this site's copiers reach (see [`super::marker`]).
+    hook: parking_lot::RwLock<Option<Arc<dyn MarkerHook>>>,
+    /// What the hook did, by marker name.
+    markers: marker::Outcomes,
 }
 
 /// A running replication group.
@@ -256,6 +262,7 @@ impl Inner {
                     },
                     // A discard is applied as zeroes (reads never change with timing).
                     EntryKind::WriteZeroes | EntryKind::Discard => dst.fill(0),
+                    EntryKind::Marker => {}
                 }
             }
             if ok {
@@ -296,6 +303,8 @@ impl Group {
             appender_cv: Condvar::new(),
             copier_cv: Condvar::new(),
             recovery,
+            hook: parking_lot::RwLock::new(marker::default_hook()),
+            markers: marker::Outcomes::default(),
         });
         let spawn_err = GroupError::Threads;
         let mut threads = Vec::new();
@@ -389,6 +398,11 @@ impl Group {
     /// origin, answered once durable in this site's log.
     pub fn submit_received(&self, dev_nr: DevNr, req: Request, done: Completion, origin: Origin) {
         let _ = self.inner.event(Event::Submit { dev_nr, req, done, origin: Some(origin) });
+    }
+
+    /// Queue a marker received from the primary (at a secondary), like a received write.
+    pub fn submit_received_marker(&self, description: Vec<u8>, done: Completion, origin: Origin) {
+        let _ = self.inner.event(Event::Mark { description, done, origin: Some(origin) });
     }
 
     /// Read from device `dev_nr`: the LD, overlaid with entries not yet on it.

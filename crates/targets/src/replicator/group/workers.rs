@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::cursors::CopierCursor;
 use super::machine::{ApplyWork, Event, Io, ResyncWork};
 use super::{Inner, SlinkNr, TICK};
 use crate::replicator::log::EntryKind;
+use crate::replicator::marker::{Marker, MarkerOutcome, MarkerReached};
 use crate::replicator::slink::{ApplyEntry, SlinkHandler};
 
 /// Fewest writes in the previous batch for the appender to gather before the next one.
@@ -185,7 +186,7 @@ fn copier(inner: Arc<Inner>, nr: SlinkNr) {
 fn apply(inner: &Inner, handler: &dyn SlinkHandler, w: ApplyWork) -> Event {
     let mut owned: Vec<Option<Vec<u8>>> = Vec::with_capacity(w.entries.len());
     for (m, c) in &w.entries {
-        if m.kind == EntryKind::Write && c.is_none() {
+        if m.kind.has_data() && c.is_none() {
             let mut v = vec![0u8; m.len as usize];
             if let Err(error) = inner.log.read_data(m, &mut v) {
                 return Event::LogReadFailed { slink: w.slink, seq: m.seq, error };
@@ -215,8 +216,82 @@ fn apply(inner: &Inner, handler: &dyn SlinkHandler, w: ApplyWork) -> Event {
         })
         .collect();
     let t0 = Instant::now();
-    let result = if entries.is_empty() { Ok(w.last) } else { handler.ship(&entries, w.last) };
+    let seqs: Vec<u64> = w.entries.iter().map(|(m, _)| m.seq).collect();
+    let result = if entries.is_empty() { Ok(w.last) } else { ship(inner, w.slink, handler, &entries, &seqs, w.last) };
     Event::Applied { slink: w.slink, era: w.era, last: w.last, took: t0.elapsed(), result }
+}
+
+/// Ship `entries` (log seqs `seqs`, ending at `last`); at each marker this SLINK acts on
+/// (a local site: its apply is durable when it returns), first make what precedes it
+/// durable, then let the hook act, then go on.
+fn ship(
+    inner: &Inner,
+    nr: SlinkNr,
+    handler: &dyn SlinkHandler,
+    entries: &[ApplyEntry<'_>],
+    seqs: &[u64],
+    last: u64,
+) -> io::Result<u64> {
+    let mut from = 0;
+    if !handler.keeps_log() {
+        for (i, e) in entries.iter().enumerate() {
+            if e.kind != EntryKind::Marker {
+                continue;
+            }
+            if i > from {
+                handler.ship(&entries[from..i], seqs[i - 1])?;
+            }
+            reached_marker(inner, nr, handler, e);
+            from = i + 1;
+        }
+    }
+    if from == entries.len() {
+        return Ok(last);
+    }
+    handler.ship(&entries[from..], last)
+}
+
+/// The copier of SLINK `nr` reached marker `e`, with everything before it durable at
+/// the site: act on it if it names this SLINK (see [`crate::replicator::marker`]).
+fn reached_marker(inner: &Inner, nr: SlinkNr, handler: &dyn SlinkHandler, e: &ApplyEntry<'_>) {
+    let marker = match Marker::decode(e.data) {
+        Ok(m) => m,
+        Err(why) => {
+            warn!(group = %inner.name, slink = nr, seq = e.seq, "marker ignored: {why}");
+            return;
+        }
+    };
+    let secondary = inner.m.lock().secondary;
+    if !marker.acts_at(nr, secondary) {
+        return;
+    }
+    let hook = inner.hook.read().clone();
+    let outcome = match hook {
+        None => MarkerOutcome::Failed("this program takes no snapshots (no marker hook)".into()),
+        Some(h) => {
+            let devices =
+                handler.devices().into_iter().map(|d| (d, handler.device_path(d).unwrap_or_default())).collect();
+            let at = MarkerReached {
+                group: inner.name.clone(),
+                marker: marker.clone(),
+                slink: nr,
+                seq: e.seq,
+                time_us: e.time_us,
+                devices,
+            };
+            h.reached(&at)
+        }
+    };
+    match &outcome {
+        MarkerOutcome::Done(what) => {
+            info!(group = %inner.name, slink = nr, seq = e.seq, name = %marker.name, "marker reached: {what}")
+        }
+        MarkerOutcome::Failed(why) => {
+            warn!(group = %inner.name, slink = nr, seq = e.seq, name = %marker.name, "marker reached, but: {why}")
+        }
+        MarkerOutcome::NotHere => return,
+    }
+    inner.markers.record(&marker.name, outcome);
 }
 
 /// Read the region as the application sees it (LD plus entries not yet on it) and write

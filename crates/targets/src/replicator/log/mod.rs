@@ -80,6 +80,9 @@ pub enum EntryKind {
     WriteZeroes,
     /// Discard `len` bytes at `offset` (no data in the log).
     Discard,
+    /// A point in the group's history (see [`crate::replicator::marker`]): `len` bytes of
+    /// description, no change to any device.
+    Marker,
 }
 
 impl EntryKind {
@@ -88,7 +91,18 @@ impl EntryKind {
             EntryKind::Write => RecordKind::Write,
             EntryKind::WriteZeroes => RecordKind::WriteZeroes,
             EntryKind::Discard => RecordKind::Discard,
+            EntryKind::Marker => RecordKind::Marker,
         }
+    }
+
+    /// Whether the entry carries `len` bytes of data in the log (writes and markers).
+    pub fn has_data(self) -> bool {
+        self.record_kind().has_data()
+    }
+
+    /// Whether the entry changes a device (everything but a marker).
+    pub fn changes_data(self) -> bool {
+        self != EntryKind::Marker
     }
 
     /// `None` for a wrap record, which is not an entry.
@@ -97,6 +111,7 @@ impl EntryKind {
             RecordKind::Write => Some(EntryKind::Write),
             RecordKind::WriteZeroes => Some(EntryKind::WriteZeroes),
             RecordKind::Discard => Some(EntryKind::Discard),
+            RecordKind::Marker => Some(EntryKind::Marker),
             RecordKind::Wrap => None,
         }
     }

@@ -11,7 +11,7 @@ use dmrep_formats::replog::{
     pad_to_record, EntryHeader, RecordKind, SlinkSet, Superblock, ENTRY_HEADER_SIZE, FLAG_EPOCH_END, MAX_CURSORS,
     MAX_SLINKS, MIN_REGION_SIZE, RECORD_ALIGN, REGION_ALIGN, RING_OFFSET, SB_SLOT_SIZE,
 };
-use dmrep_formats::replog::{SiteState, SuperblockError};
+use dmrep_formats::replog::{SiteState, SuperblockError, MAX_MARKER_DATA};
 
 use super::recovery::{self, geometry, io_err};
 use super::space::{self, RingState};
@@ -420,8 +420,11 @@ impl RingLog {
         for (index, e) in batch.iter().enumerate() {
             let bad = |reason: String| LogError::BadEntry { index, reason };
             match e.kind {
-                EntryKind::Write if e.data.len() != e.len as usize => {
-                    return Err(bad(format!("write of len {} with {} bytes of data", e.len, e.data.len())));
+                EntryKind::Write | EntryKind::Marker if e.data.len() != e.len as usize => {
+                    return Err(bad(format!("{:?} of len {} with {} bytes of data", e.kind, e.len, e.data.len())));
+                }
+                EntryKind::Marker if e.len > MAX_MARKER_DATA => {
+                    return Err(bad(format!("marker of {} bytes (at most {MAX_MARKER_DATA})", e.len)));
                 }
                 EntryKind::WriteZeroes | EntryKind::Discard if !e.data.is_empty() => {
                     return Err(bad(format!("{:?} carries {} bytes of data", e.kind, e.data.len())));
@@ -431,7 +434,7 @@ impl RingLog {
             if e.offset.checked_add(e.len as u64).is_none() {
                 return Err(bad(format!("range {}+{} overflows", e.offset, e.len)));
             }
-            let data = if e.kind == EntryKind::Write { e.len as u64 } else { 0 };
+            let data = if e.kind.has_data() { e.len as u64 } else { 0 };
             if data > max {
                 return Err(LogError::TooLarge { index, len: data, max });
             }
@@ -474,7 +477,7 @@ impl RingLog {
 
         // Headers (the data crc is the only pass over the data).
         let data_crcs: Vec<u32> =
-            batch.iter().map(|e| if e.kind == EntryKind::Write { crc32c::crc32c(e.data) } else { 0 }).collect();
+            batch.iter().map(|e| if e.kind.has_data() { crc32c::crc32c(e.data) } else { 0 }).collect();
         let headers: Vec<[u8; ENTRY_HEADER_SIZE]> = batch
             .iter()
             .enumerate()
@@ -512,7 +515,7 @@ impl RingLog {
             }
             let run = &mut runs[usize::from(i >= split)];
             run.push(IoSlice::new(&headers[i]));
-            if e.kind == EntryKind::Write && !e.data.is_empty() {
+            if e.kind.has_data() && !e.data.is_empty() {
                 run.push(IoSlice::new(e.data));
                 let pad = (pad_to_record(e.data.len() as u64) - e.data.len() as u64) as usize;
                 if pad > 0 {
@@ -667,11 +670,11 @@ impl RingLog {
     // -----------------------------------------------------------------------------------
     // Reading
 
-    /// Reads the data of write entry `e` into `buf` (exactly `e.len` bytes) and checks
-    /// its crc. For write-zeroes and discard entries `buf` must be empty. Fails with
+    /// Reads the data of write (or marker) entry `e` into `buf` (exactly `e.len` bytes)
+    /// and checks its crc. For write-zeroes and discard entries `buf` must be empty. Fails with
     /// [`LogError::NotLive`] if the head has passed the entry.
     pub fn read_data(&self, e: &EntryMeta, buf: &mut [u8]) -> Result<(), LogError> {
-        let want = if e.kind == EntryKind::Write { e.len as usize } else { 0 };
+        let want = if e.kind.has_data() { e.len as usize } else { 0 };
         if buf.len() != want {
             return Err(LogError::BufferSize { seq: e.seq, got: buf.len(), want });
         }

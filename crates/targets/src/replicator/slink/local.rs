@@ -178,6 +178,10 @@ impl SlinkHandler for LocalSlink {
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
         let mut touched = BTreeSet::new();
         for e in entries {
+            if e.kind == EntryKind::Marker {
+                // The copier acts on markers before handing the rest over.
+                continue;
+            }
             let dev = &self.dev(e.dev_nr)?.backend;
             match e.kind {
                 EntryKind::Write => dev.write_at(e.data, e.offset)?,
@@ -185,6 +189,7 @@ impl SlinkHandler for LocalSlink {
                 // A discarded range reads as zeros afterwards, as it did from the log
                 // before it was applied: reads never change with timing.
                 EntryKind::Discard => dev.write_zeroes(e.offset, e.len as u64, true)?,
+                EntryKind::Marker => unreachable!("skipped above"),
             }
             touched.insert(e.dev_nr);
         }

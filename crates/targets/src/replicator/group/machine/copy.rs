@@ -110,11 +110,12 @@ impl Machine {
                     }
                     _ => {}
                 }
-                if nr != 0 && self.removed.contains(&m.dev_nr) {
+                let marker = !m.kind.changes_data();
+                if !marker && nr != 0 && self.removed.contains(&m.dev_nr) {
                     last = m.seq;
                     continue;
                 }
-                if !rt.handler.has_device(m.dev_nr) {
+                if !marker && !rt.handler.has_device(m.dev_nr) {
                     let dev = m.dev_nr;
                     self.slinks.get_mut(&nr).expect("slink").waiting_for_device = Some(dev);
                     return None;

@@ -46,7 +46,7 @@ use crate::replicator::fallbehind::{self, InForce, Lag, Policy, Thresholds};
 use crate::replicator::log::{EntryKind, EntryMeta, LogError, NewEntry, Origin, RingLog, SlinkSet};
 use crate::replicator::overlay::Overlay;
 use crate::replicator::slink::SlinkHandler;
-use dmrep_formats::replog::{pad_to_record, ENTRY_HEADER_SIZE};
+use dmrep_formats::replog::{pad_to_record, ENTRY_HEADER_SIZE, MAX_MARKER_DATA};
 
 mod commands;
 mod copy;
@@ -87,6 +87,9 @@ pub(crate) struct Pending {
     /// A write received from the primary (at a secondary): its place in the primary's
     /// history. One entry: the primary's entries are never larger than ours.
     origin: Option<Origin>,
+    /// A marker (see [`crate::replicator::marker`]): one entry of kind `Marker`, its
+    /// description in `req.buf`; on completion `req.offset` is its seq in the log.
+    marker: bool,
 }
 
 /// A write whose entries are in the log, waiting for SLINKs (and dirty-log flushes).
@@ -129,16 +132,16 @@ impl Batch {
             .iter()
             .map(|s| {
                 let p = &self.pendings[s.p];
-                let kind = entry_kind(p.req.op);
+                let kind = if p.marker { EntryKind::Marker } else { entry_kind(p.req.op) };
                 let data: &[u8] = match kind {
-                    EntryKind::Write => {
+                    EntryKind::Write | EntryKind::Marker => {
                         &p.data.as_ref().expect("planned")[s.start as usize..(s.start + s.len) as usize]
                     }
                     _ => &[],
                 };
                 NewEntry {
                     dev_nr: p.dev_nr,
-                    offset: p.req.offset + s.start,
+                    offset: if p.marker { 0 } else { p.req.offset + s.start },
                     kind,
                     len: s.len as u32,
                     data,
@@ -213,6 +216,15 @@ pub(crate) enum Event {
         req: Request,
         done: Completion,
         /// `Some` for an entry received from the primary (a secondary's receiver).
+        origin: Option<Origin>,
+    },
+    /// A marker to append after everything queued before it (see
+    /// [`crate::replicator::marker`]); `done` completes once it is durable in the log
+    /// (and at the synchronous SLINKs), with its log seq in the request's `offset`.
+    Mark {
+        description: Vec<u8>,
+        done: Completion,
+        /// `Some` for a marker received from the primary.
         origin: Option<Origin>,
     },
     /// The appender is free.
@@ -500,7 +512,7 @@ impl Machine {
                     if rt.ordered && e.slinks.contains(*nr) && e.seq > rt.durable {
                         rt.outstanding.push_back((e.seq, e.len as u64, now));
                         rt.out_bytes += e.len as u64;
-                        if *nr == 0 {
+                        if *nr == 0 && e.kind.changes_data() {
                             m.overlay.insert(e.clone());
                         }
                     }
@@ -570,6 +582,7 @@ impl Machine {
     pub(crate) fn apply(&mut self, now: Instant, ev: Event) -> Effects {
         match ev {
             Event::Submit { dev_nr, req, done, origin } => self.submit(dev_nr, req, done, origin),
+            Event::Mark { description, done, origin } => self.submit_marker(description, done, origin),
             Event::AppenderReady => self.appender_ready(now),
             Event::Appended { batch, took, result } => {
                 self.stats.append_us += took.as_micros() as u64;

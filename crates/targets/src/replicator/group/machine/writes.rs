@@ -3,29 +3,34 @@
 use super::*;
 
 impl Machine {
-    pub(super) fn submit(&mut self, dev_nr: DevNr, req: Request, done: Completion, origin: Option<Origin>) -> Effects {
-        let mut fx = Effects::default();
+    /// Why a write (or marker) from `origin` (`None`: this site's application) is refused
+    /// now, if it is.
+    fn refusal(&self, origin: Option<Origin>) -> Option<Errno> {
         if self.shutdown {
-            fx.fail(req, done, Errno::SHUTDOWN);
-            return fx;
+            return Some(Errno::SHUTDOWN);
         }
         // A secondary's devices take writes only from its primary's stream; a primary
         // never takes a stream.
         let secondary = self.secondary;
         if secondary != origin.is_some() {
             tracing::debug!(group = %self.name, secondary, "write refused: wrong role for its source");
-            fx.fail(req, done, if secondary { Errno::ROFS } else { Errno::PERM });
-            return fx;
+            return Some(if secondary { Errno::ROFS } else { Errno::PERM });
         }
         if let Some(why) = self.fenced.as_ref().filter(|_| origin.is_none()) {
             tracing::debug!(group = %self.name, "write refused: fenced: {why}");
-            fx.fail(req, done, Errno::PERM);
-            return fx;
+            return Some(Errno::PERM);
         }
         if let Some(e) = &self.log_error {
             // (The log error itself was logged once, when it happened: not per write.)
             tracing::debug!(group = %self.name, "write refused: {e}");
-            let e = e.errno();
+            return Some(e.errno());
+        }
+        None
+    }
+
+    pub(super) fn submit(&mut self, dev_nr: DevNr, req: Request, done: Completion, origin: Option<Origin>) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(e) = self.refusal(origin) {
             fx.fail(req, done, e);
             return fx;
         }
@@ -39,7 +44,25 @@ impl Machine {
                 w.insert((dev_nr, region));
             }
         }
-        self.queue.push_back(Pending { dev_nr, req, done, data: None, appended: 0, origin });
+        self.queue.push_back(Pending { dev_nr, req, done, data: None, appended: 0, origin, marker: false });
+        fx.wake_appender = true;
+        fx
+    }
+
+    /// Queue a marker: one entry, after every write queued before it.
+    pub(super) fn submit_marker(&mut self, description: Vec<u8>, done: Completion, origin: Option<Origin>) -> Effects {
+        let mut fx = Effects::default();
+        let len = description.len() as u64;
+        let req = Request::new(Op::Flush, 0, len, description, 0);
+        if let Some(e) = self.refusal(origin) {
+            fx.fail(req, done, e);
+            return fx;
+        }
+        if len > MAX_MARKER_DATA as u64 {
+            fx.fail(req, done, Errno::INVAL);
+            return fx;
+        }
+        self.queue.push_back(Pending { dev_nr: 0, req, done, data: None, appended: 0, origin, marker: true });
         fx.wake_appender = true;
         fx
     }
@@ -83,7 +106,7 @@ impl Machine {
         let mut sizes = Vec::new();
         let mut bytes = 0u64;
         'outer: for p in self.queue.iter() {
-            let data = matches!(p.req.op, Op::Write { .. });
+            let data = p.marker || matches!(p.req.op, Op::Write { .. });
             let mut at = p.appended;
             while at < p.req.len {
                 let n = (p.req.len - at).min(slice_max(data));
@@ -111,7 +134,7 @@ impl Machine {
             if p.data.is_none() {
                 p.data = Some(Arc::new(std::mem::take(&mut p.req.buf)));
             }
-            let data = matches!(p.req.op, Op::Write { .. });
+            let data = p.marker || matches!(p.req.op, Op::Write { .. });
             let mut at = p.appended;
             while left > 0 && at < p.req.len {
                 let n = (p.req.len - at).min(slice_max(data));
@@ -190,11 +213,17 @@ impl Machine {
                 self.cache_bytes += m.len as u64;
                 self.cache.insert(m.seq, Chunk { buf, start: s.start as usize, len: s.len as usize });
             }
+            if pendings[s.p].marker {
+                // Its seq goes back with its completion.
+                pendings[s.p].req.offset = m.seq;
+            }
             for (nr, rt) in self.slinks.iter_mut() {
                 let named = m.slinks.contains(*nr) && eras.get(nr) == Some(&rt.era);
                 if rt.ordered && !rt.leaving && named {
                     rt.outstanding.push_back((m.seq, m.len as u64, now));
                     rt.out_bytes += m.len as u64;
+                } else if !m.kind.changes_data() {
+                    // A marker an SLINK out of ordered mode misses: no region to copy.
                 } else if !rt.ordered || rt.leaving {
                     // Out of ordered mode now (even if it was not when planned): the
                     // write becomes dirty regions, published with it. A resync that had
@@ -223,7 +252,7 @@ impl Machine {
                     self.missed.insert((*nr, m.dev_nr));
                 }
             }
-            if m.slinks.contains(0) {
+            if m.slinks.contains(0) && m.kind.changes_data() {
                 self.overlay.insert(m);
             }
         }
