@@ -842,7 +842,7 @@ mod tests {
         let b = sb.encode();
         assert_eq!(b.len(), SB_SLOT_SIZE);
         assert_eq!(&b[0..8], b"DMREPLOG");
-        assert_eq!(get_u32(&b, 8), 3);
+        assert_eq!(get_u32(&b, 8), FORMAT_VERSION);
         assert_eq!(get_u64(&b, 56), 3);
         assert_eq!(b[106], 2, "role");
         assert_eq!(&b[2672..2688], &[4; 16], "group uuid");
@@ -868,8 +868,8 @@ mod tests {
     #[test]
     fn superblock_version_checks() {
         let mut b = sample_sb().encode();
-        put_u32(&mut b, 8, 4);
-        assert_eq!(Superblock::decode(&b), Err(SuperblockError::NewerVersion { found: 4, supported: 3 }));
+        put_u32(&mut b, 8, 5);
+        assert_eq!(Superblock::decode(&b), Err(SuperblockError::NewerVersion { found: 5, supported: 4 }));
         put_u32(&mut b, 8, 0);
         assert_eq!(Superblock::decode(&b), Err(SuperblockError::VersionZero));
         assert_eq!(Superblock::decode(&[0u8; 4096]), Err(SuperblockError::NoMagic));
