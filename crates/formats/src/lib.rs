@@ -5,12 +5,14 @@
 //! - [`control`]: the control protocol between `dmrep` and its daemon.
 //! - [`replog`]: the replication log's on-disk layout.
 //! - [`dirtylog`]: the `disk` dirty log's on-disk layout.
+//! - [`cow`]: the persistent snapshot exception store's (COW store's) on-disk layout.
 //! - [`site`]: the site wire protocol (a primary site ships its log to secondary sites).
 //!
 //! Every type that crosses a disk or a wire documents its byte layout where it is
 //! defined and carries a version.
 
 pub mod control;
+pub mod cow;
 pub mod dirtylog;
 mod le;
 pub mod lineage;

@@ -8,6 +8,7 @@ pub mod error;
 pub mod linear;
 mod params;
 pub mod replicator;
+pub mod snapshot;
 pub mod striped;
 pub mod zero;
 
@@ -22,5 +23,7 @@ pub fn registry() -> TargetRegistry {
     r.register("error", error::construct);
     r.register("replicator", replicator::target::construct);
     r.register("replicator-dev", replicator::target::construct_dev);
+    r.register("snapshot-origin", snapshot::origin::construct);
+    r.register("snapshot", snapshot::target::construct);
     r
 }

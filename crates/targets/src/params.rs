@@ -70,19 +70,42 @@ fn open_mapped(
     role: String,
 ) -> Result<(Arc<dyn BlockBackend>, Claim), TargetError> {
     let path = format!("{MAPPER}{name}");
-    if name == ctx.device_name {
-        return Err(TargetError::params(target, format!("{path}: a device cannot be stacked on itself")));
-    }
-    let dev = ctx.devices.get(name).ok_or_else(|| {
-        TargetError::params(
-            target,
-            format!("{path}: no device named {name} in this daemon (a /dev/mapper/NAME path names one of its devices)"),
-        )
-    })?;
+    let dev = mapped_device(ctx, target, name)?;
     let be = dmrep_core::mapped::MappedBackend::new(dev.clone());
     let range = fits(target, &path, offset_sectors, need_sectors, be.size())?;
     let claim = ctx.devices.claims().claim_mapped(&ctx.owner, role, dev.uuid(), &path, range)?;
     Ok((Arc::new(be), claim))
+}
+
+/// Device NAME of this daemon, named in a table as `/dev/mapper/NAME`: it must exist
+/// and not be the device being built.
+pub(crate) fn mapped_device(
+    ctx: &BuildContext<'_>,
+    target: &'static str,
+    name: &str,
+) -> Result<Arc<dmrep_core::MappedDevice>, TargetError> {
+    let path = format!("{MAPPER}{name}");
+    if name == ctx.device_name {
+        return Err(TargetError::params(target, format!("{path}: a device cannot be stacked on itself")));
+    }
+    ctx.devices.get(name).ok_or_else(|| {
+        TargetError::params(
+            target,
+            format!("{path}: no device named {name} in this daemon (a /dev/mapper/NAME path names one of its devices)"),
+        )
+    })
+}
+
+/// The bytes `need_sectors` from `offset_sectors` take of a device of `size` bytes at
+/// `path`, or why they do not fit (for targets that open their devices themselves).
+pub(crate) fn check_fits(
+    target: &'static str,
+    path: &str,
+    offset_sectors: u64,
+    need_sectors: u64,
+    size: u64,
+) -> Result<std::ops::Range<u64>, TargetError> {
+    fits(target, path, offset_sectors, need_sectors, size)
 }
 
 /// Check the parameter count.
