@@ -68,6 +68,7 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         | Command::Log(_)
         | Command::Wait { .. }
         | Command::Roles(_)
+        | Command::Snapshot(_)
         | Command::Events { .. }
         | Command::Verify { .. }
         | Command::Completions { .. } => {
@@ -104,6 +105,7 @@ pub fn run(cmd: Command, control: Option<PathBuf>) -> Result<()> {
         Response::Tables { tables } => output::print_tables(&tables, json),
         Response::Statuses { devices } => output::print_statuses(&devices, json),
         Response::Events { .. } => bail!("unexpected events answer"),
+        Response::Snapshots { .. } => bail!("unexpected snapshots answer"),
     }
 }
 

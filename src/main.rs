@@ -7,6 +7,7 @@ mod events;
 mod output;
 mod roles;
 mod run_daemon;
+mod snapshot;
 mod verify;
 
 use std::path::PathBuf;
@@ -233,6 +234,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     #[command(flatten)]
     Roles(roles::RoleCommand),
+    /// Group-consistent snapshots at a site: create, ls, delete.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,6 +299,7 @@ fn main() -> ExitCode {
         Command::Pki(cmd) => pki(cmd),
         Command::Log(cmd) => commands::log(cmd),
         Command::Roles(cmd) => roles::run(cmd, cli.control),
+        Command::Snapshot(cmd) => snapshot::run(cmd, cli.control),
         Command::Events { now, json } => events::run(cli.control, now, json),
         Command::Completions { shell } => {
             clap_complete::generate(

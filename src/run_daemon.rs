@@ -121,6 +121,7 @@ pub fn start(args: &DaemonArgs, control: Option<PathBuf>) -> Result<Running> {
     };
     let store = Store::open(&args.state_dir)?;
     let daemon = Daemon::new(store, dmrep_targets::registry());
+    daemon.enable_snapshots(&args.state_dir, args.site_name.clone());
     let (n, errors) = daemon.restore()?;
     if n > 0 || !errors.is_empty() {
         info!(restored = n, failed = errors.len(), "devices restored from {}", args.state_dir.display());

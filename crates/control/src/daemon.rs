@@ -93,6 +93,8 @@ pub struct Daemon {
     ops: Mutex<()>,
     /// Set while [`Daemon::restore`] rebuilds the recorded tables.
     restoring: std::sync::atomic::AtomicBool,
+    /// Group-consistent snapshots (set once, by [`Daemon::enable_snapshots`]).
+    snapshots: std::sync::OnceLock<Arc<crate::snapshots::GroupSnapshots>>,
 }
 
 impl Daemon {
@@ -106,7 +108,29 @@ impl Daemon {
             unavailable: Mutex::new(Vec::new()),
             ops: Mutex::new(()),
             restoring: std::sync::atomic::AtomicBool::new(false),
+            snapshots: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Take group-consistent snapshots at this site (as site `site`, if named), kept under
+    /// `state_dir/snapshots`: publishes the marker hook for the groups built from now on.
+    /// Call before [`Daemon::restore`].
+    pub fn enable_snapshots(self: &Arc<Self>, state_dir: &std::path::Path, site: Option<String>) {
+        let s = crate::snapshots::GroupSnapshots::new(Arc::downgrade(self), state_dir, site);
+        let hook: Arc<dyn dmrep_targets::replicator::marker::MarkerHook> = s.clone();
+        self.devices.publish(
+            dmrep_targets::replicator::marker::HOOK_KEY,
+            Arc::new(dmrep_targets::replicator::marker::HookSlot(hook)),
+        );
+        let _ = self.snapshots.set(s);
+    }
+
+    /// The status detail (JSON) of device `name`'s first segment, if it is live.
+    pub fn segment_detail(&self, name: &str) -> Option<serde_json::Value> {
+        let dev = self.devices.get(name)?;
+        let table = dev.live_table()?;
+        let (_, t) = table.targets().next()?;
+        Some(t.status().json)
     }
 
     pub fn devices(&self) -> &Arc<DeviceRegistry> {
@@ -640,6 +664,21 @@ impl Daemon {
                 let b = events::after(from, wait);
                 out.extend(b.events.iter().map(with_line));
                 Ok(Response::Events { events: out, lost: b.lost, last: b.last })
+            }
+            Request::Snapshots { group } => {
+                let s = self
+                    .snapshots
+                    .get()
+                    .ok_or_else(|| DaemonError::Unsupported("this daemon takes no snapshots".into()))?;
+                Ok(Response::Snapshots { snapshots: s.list(self, group.as_deref()) })
+            }
+            Request::SnapshotDelete { group, name } => {
+                let s = self
+                    .snapshots
+                    .get()
+                    .ok_or_else(|| DaemonError::Unsupported("this daemon takes no snapshots".into()))?;
+                s.delete(self, &group, &name).map_err(DaemonError::Unsupported)?;
+                Ok(Response::Ok)
             }
             Request::Message { name, sector, args } => {
                 let target = {

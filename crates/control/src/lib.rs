@@ -7,11 +7,13 @@
 //! - [`server`]: the control socket (Unix, mode 0600) speaking
 //!   [`dmrep_formats::control`].
 //! - [`client`]: the CLI's side of the same socket.
+//! - [`snapshots`]: group-consistent snapshots taken at this site.
 
 pub mod client;
 pub mod daemon;
 pub mod metrics;
 pub mod server;
+pub mod snapshots;
 pub mod store;
 
 use std::path::PathBuf;

@@ -12,11 +12,13 @@
 //!   devices in state `unavailable` (recorded, not restored) with a `reason`;
 //!   `read_only` on create and in info.
 //! - 3: `events` request and answer.
+//! - 4: `snapshots` and `snapshot_delete` requests, `snapshots` answer (group-consistent
+//!   snapshots).
 
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest accepted line: a table of a few thousand segments fits in 1 MiB; more is
 /// a runaway client.
@@ -111,9 +113,19 @@ pub enum Request {
         #[serde(default)]
         now: bool,
     },
+    /// The group-consistent snapshots at this site (of group `group`, or all).
+    Snapshots {
+        #[serde(default)]
+        group: Option<String>,
+    },
+    /// Remove a group-consistent snapshot: its devices and its COW files.
+    SnapshotDelete {
+        group: String,
+        name: String,
+    },
 }
 
-/// The daemon's answers.
+/// The daemon's answers (see also [`Request::Snapshots`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
@@ -145,6 +157,42 @@ pub enum Response {
         lost: u64,
         last: u64,
     },
+    Snapshots {
+        snapshots: Vec<GroupSnapshot>,
+    },
+}
+
+/// A group-consistent snapshot at this site: one snapshot device per device of the
+/// group, together the group's state after exactly the writes before seq `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupSnapshot {
+    pub group: String,
+    pub name: String,
+    /// Its place in the group's history: every write before this seq, none after.
+    pub seq: u64,
+    /// When the primary logged the marker, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// When this site took it, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// The SLINK whose devices it is of (0: this site's own devices).
+    pub slink: u16,
+    pub devices: Vec<SnapshotDevice>,
+}
+
+/// One device of a [`GroupSnapshot`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDevice {
+    pub dev_nr: u32,
+    /// The mapped device that serves it (over NBD too).
+    pub device: String,
+    /// The group's device it is a snapshot of.
+    pub origin: String,
+    /// Its copy-on-write store.
+    pub cow: String,
+    /// `valid`, `invalid` (its COW store filled up or failed) or `missing` (no device).
+    pub state: String,
+    /// Bytes of the COW store in use.
+    pub used_bytes: u64,
 }
 
 /// Device state as dmsetup shows it, plus `Unavailable`: a device the daemon has

@@ -536,6 +536,9 @@ fn follow(link: &Link<'_>, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() 
                 if let Err(why) = range {
                     return format!("resync data refused: {why}");
                 }
+                // Before the first write outside write order: the resync snapshot (if
+                // SLINK 0 here has `resync_snapshot`) keeps a consistent copy.
+                group.resync_begins(0);
                 if let Err(e) = link.set_inconsistent(true) {
                     return e;
                 }
@@ -558,6 +561,7 @@ fn follow(link: &Link<'_>, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() 
                 if let Some(nr) = group.slink_of_site(link.primary) {
                     group.diverged_delivered(nr);
                 }
+                group.resync_ended(0);
                 tracing::info!(group = %group.name(), seq = j.seq, "resync from the primary complete: following in order");
                 Message::Ack(Ack { received: group.received(), applied: group.applied_origin() })
             }

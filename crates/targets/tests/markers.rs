@@ -27,8 +27,11 @@ const DEVS: u32 = 2;
 struct Capture {
     /// By slink: the backends the test can read.
     backends: BTreeMap<u16, Vec<Arc<MemBackend>>>,
-    got: Mutex<BTreeMap<String, (u16, u64, Vec<Vec<u8>>)>>,
+    got: Mutex<BTreeMap<String, Captured>>,
 }
+
+/// The slink that reached a marker, its seq, and its devices' images then.
+type Captured = (u16, u64, Vec<Vec<u8>>);
 
 impl MarkerHook for Capture {
     fn reached(&self, at: &MarkerReached) -> MarkerOutcome {

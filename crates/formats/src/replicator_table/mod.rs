@@ -46,7 +46,8 @@
 //!   `<slink_nr> [<policy> [<fallbehind>...]]`, slink_nr below [`MAX_SLINKS`] (the
 //!   replication log's limit: one constant for the grammar and the log).
 //!   For `net` and `s3` any further parameters are kept, uninterpreted, as transport
-//!   parameters (for `local` they are an error).
+//!   parameters (for `local` they are an error, except the option `resync_snapshot`
+//!   after the fall-behind thresholds: see [`SlinkSpec::resync_snapshot`]).
 //! - Policy: `synchronous` or `asynchronous`, or any prefix of either of at least 4
 //!   characters (`sync`, `async`), optionally combined with `stall` by `+`
 //!   (`asynchronous+stall`). Without a policy an SLINK is synchronous: nothing is
@@ -105,6 +106,9 @@ pub const MIN_REGION_SECTORS: u64 = 8;
 /// What the policy field accepts, for error messages.
 const POLICY_EXPECTED: &str = "synchronous|asynchronous[+stall]";
 /// What a fall-behind threshold looks like, for error messages.
+/// The SLINK option that snapshots its devices before a resync (see [`SlinkSpec`]).
+pub const RESYNC_SNAPSHOT: &str = "resync_snapshot";
+
 const FALLBEHIND_EXPECTED: &str = "ios=N|size=N[k|m|g|t]|timeout=N[ms|s|m|h]";
 /// SLINK type keywords (also how the control form's entries are recognised).
 const SLINK_TYPES: &str = "local|blockdev|net|s3";
@@ -185,6 +189,11 @@ pub struct SlinkSpec {
     pub kind: SlinkKind,
     pub policy: Policy,
     pub fallbehind: FallBehind,
+    /// `resync_snapshot` (local SLINKs, SLINK 0 included): before a resync overwrites this
+    /// SLINK's devices (out of write order), they are snapshotted, so that a
+    /// write-order-consistent copy exists until the resync ends; then it is dropped.
+    #[serde(default)]
+    pub resync_snapshot: bool,
 }
 
 /// SLINK transports.
@@ -439,7 +448,13 @@ mod tests {
     }
 
     fn local(nr: SlinkNr, policy: Policy, ios: Option<u64>) -> SlinkSpec {
-        SlinkSpec { nr, kind: SlinkKind::Local, policy, fallbehind: FallBehind { ios, ..FallBehind::default() } }
+        SlinkSpec {
+            nr,
+            kind: SlinkKind::Local,
+            policy,
+            fallbehind: FallBehind { ios, ..FallBehind::default() },
+            resync_snapshot: false,
+        }
     }
 
     fn ld(path: &str) -> ReplicaSpec {
@@ -489,6 +504,22 @@ mod tests {
              local 3 1 asynchronous ios=100 2 0 /dev/sdz core 2 2048 nosync"
         );
         assert_round_trip(&spec);
+    }
+
+    #[test]
+    fn resync_snapshot_option() {
+        let t = "0 8 replicator default 4 /l 0 auto 2097152 local 3 0 async resync_snapshot 2 0 /a - 0 \
+                 local 4 1 async ios=9 resync_snapshot 2 0 /b core 2 2048 nosync";
+        let spec = parse_replicator(&table_args(t)).unwrap();
+        assert!(spec.slink(0).unwrap().resync_snapshot && spec.slink(1).unwrap().resync_snapshot);
+        assert!(spec.to_string().contains("local 4 1 asynchronous ios=9 resync_snapshot 2 0 /b"), "{spec}");
+        assert_round_trip(&spec);
+        // Only on local SLINKs; anything else after it is still an error.
+        let net = "0 8 replicator default 3 /l 0 auto local 2 0 async 2 0 /a - 0 net 4 1 async resync_snapshot 1.2.3.4:5 2 0 0 core 1 2048";
+        let e = parse_replicator(&table_args(net)).unwrap_err().to_string();
+        assert!(e.contains("resync_snapshot") && e.contains("SLINK 0"), "{e}");
+        let bad = "0 8 replicator default 3 /l 0 auto local 3 0 async resync_snapshot bogus 2 0 /a - 0";
+        assert!(parse_replicator(&table_args(bad)).is_err());
     }
 
     #[test]
@@ -1106,7 +1137,13 @@ mod tests {
                 let slinks: Vec<SlinkSpec> = nrs
                     .iter()
                     .zip(bodies)
-                    .map(|(&nr, (kind, policy, fallbehind))| SlinkSpec { nr, kind, policy, fallbehind })
+                    .map(|(&nr, (kind, policy, fallbehind))| SlinkSpec {
+                        nr,
+                        kind,
+                        policy,
+                        fallbehind,
+                        resync_snapshot: false,
+                    })
                     .collect();
                 let mut devices = Vec::new();
                 if !control {

@@ -291,7 +291,16 @@ pub(super) fn parse_slink<S: AsRef<str>>(
     while i < params.len() && is_threshold(params, i) {
         i += parse_threshold(&ctx, params, i, &mut fallbehind)?;
     }
-    let rest: Vec<String> = params.get(i..).unwrap_or_default().iter().map(|s| s.as_ref().to_string()).collect();
+    let mut rest: Vec<String> = params.get(i..).unwrap_or_default().iter().map(|s| s.as_ref().to_string()).collect();
+    let resync_snapshot = local && rest.first().is_some_and(|t| t == RESYNC_SNAPSHOT);
+    if resync_snapshot {
+        rest.remove(0);
+    } else if !local && rest.iter().any(|t| t == RESYNC_SNAPSHOT) {
+        return Err(with_note(
+            invalid(&ctx, "option", "resync_snapshot on local SLINKs only", Some(RESYNC_SNAPSHOT)),
+            "a site's devices are snapshotted by that site: set it on SLINK 0 of the site's own table",
+        ));
+    }
     let kind = match ty {
         "net" => SlinkKind::Net { params: rest },
         "s3" => SlinkKind::S3 { params: rest },
@@ -306,7 +315,7 @@ pub(super) fn parse_slink<S: AsRef<str>>(
     if policy.mode == Mode::Synchronous && !fallbehind.is_empty() {
         return Err(ReplicatorTableError::SyncWithFallBehind { slink: nr, found: fallbehind.to_args().join(" ") });
     }
-    Ok(SlinkSpec { nr, kind, policy, fallbehind })
+    Ok(SlinkSpec { nr, kind, policy, fallbehind, resync_snapshot })
 }
 
 /// `<dlog_type> <#dlog_params> <dlog_params>...`.
@@ -472,6 +481,10 @@ pub(super) fn merge_slink(slinks: &mut BTreeMap<SlinkNr, SlinkSpec>, s: SlinkSpe
     }
     if first.fallbehind != s.fallbehind {
         return Err(conflict("fall-behind", first.fallbehind.to_args().join(" "), s.fallbehind.to_args().join(" ")));
+    }
+    if first.resync_snapshot != s.resync_snapshot {
+        let on = |b: bool| if b { RESYNC_SNAPSHOT.to_string() } else { "no resync_snapshot".to_string() };
+        return Err(conflict("options", on(first.resync_snapshot), on(s.resync_snapshot)));
     }
     if first.kind != s.kind {
         return Err(conflict("transport parameters", first.kind.params().join(" "), s.kind.params().join(" ")));

@@ -190,6 +190,9 @@ impl SlinkSpec {
     pub fn to_args(&self) -> Vec<String> {
         let mut p = vec![self.nr.to_string(), self.policy.to_string()];
         p.extend(self.fallbehind.to_args());
+        if self.resync_snapshot {
+            p.push(RESYNC_SNAPSHOT.to_string());
+        }
         p.extend(self.kind.params().iter().cloned());
         let mut out = vec![self.kind.name().to_string(), p.len().to_string()];
         out.extend(p);

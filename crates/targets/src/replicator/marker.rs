@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmrep_formats::replog::MAX_MARKER_DATA;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 /// The description's format version.
@@ -112,18 +112,29 @@ pub enum MarkerOutcome {
 /// thread, which applies nothing meanwhile: keep it short, and never wait for the group.
 pub trait MarkerHook: Send + Sync {
     fn reached(&self, at: &MarkerReached) -> MarkerOutcome;
+
+    /// Whether this site has snapshot `name` of `group` (a resync snapshot kept across a
+    /// restart). Default: no.
+    fn exists(&self, _group: &str, _name: &str) -> bool {
+        false
+    }
+
+    /// Drop snapshot `name` of `group` (a resync snapshot once the resync ended), in the
+    /// background: never waits for the group. Default: nothing.
+    fn drop_snapshot(&self, _group: &str, _name: &str) {}
 }
 
-static HOOK: RwLock<Option<Arc<dyn MarkerHook>>> = RwLock::new(None);
-
-/// Set the hook of every group started from now on (the daemon does, at start).
-pub fn set_default_hook(h: Arc<dyn MarkerHook>) {
-    *HOOK.write() = Some(h);
+/// The name of SLINK `slink`'s resync snapshot (its devices before a resync began).
+pub fn resync_snapshot_name(slink: u16) -> String {
+    format!("resync-{slink}")
 }
 
-pub(crate) fn default_hook() -> Option<Arc<dyn MarkerHook>> {
-    HOOK.read().clone()
-}
+/// Where a program publishes its hook in the device registry (`DeviceRegistry::publish`;
+/// not a device name): a replicator control device gives it to its group.
+pub const HOOK_KEY: &str = "/marker-hook";
+
+/// The published hook (see [`HOOK_KEY`]).
+pub struct HookSlot(pub Arc<dyn MarkerHook>);
 
 /// Outcomes of the markers this site's copiers reached, by name (the newest few).
 #[derive(Default)]

@@ -9,9 +9,11 @@ use dmrep_core::device::WaitSink;
 use dmrep_core::Completion;
 use serde::Serialize;
 
+use tracing::{info, warn};
+
 use super::machine::Event;
-use super::{Group, GroupError, Seq, SlinkNr};
-use crate::replicator::marker::{Marker, MarkerHook, MarkerOutcome};
+use super::{Group, GroupError, Inner, Seq, SlinkNr};
+use crate::replicator::marker::{resync_snapshot_name, Marker, MarkerHook, MarkerOutcome, MarkerReached};
 
 /// Where a snapshot marker was placed.
 #[derive(Debug, Clone, Serialize)]
@@ -75,8 +77,94 @@ impl Group {
         self.inner.markers.wait(name, timeout)
     }
 
-    /// Use `hook` for the markers this site reaches (instead of the program's default).
+    /// Use `hook` for the markers this site reaches and its resync snapshots.
     pub fn set_marker_hook(&self, hook: Arc<dyn MarkerHook>) {
         *self.inner.hook.write() = Some(hook);
+    }
+
+    /// Snapshot SLINK `nr`'s devices before a resync overwrites them (`resync_snapshot`).
+    /// A resync snapshot left from before a restart is kept while the SLINK is resyncing
+    /// (it is the consistent copy), dropped if the SLINK is in sync.
+    pub fn set_resync_snapshot(&self, nr: SlinkNr, on: bool) {
+        {
+            let mut rs = self.inner.resync_snapshots.lock();
+            if on {
+                rs.0.insert(nr);
+            } else {
+                rs.0.remove(&nr);
+            }
+        }
+        let Some(hook) = self.inner.hook.read().clone() else { return };
+        let name = resync_snapshot_name(nr);
+        if !hook.exists(&self.inner.name, &name) {
+            return;
+        }
+        let in_sync = self.inner.m.lock().slinks.get(&nr).is_some_and(|rt| rt.ordered);
+        let secondary_in_resync = nr == 0 && self.site().inconsistent;
+        if in_sync && !secondary_in_resync {
+            hook.drop_snapshot(&self.inner.name, &name);
+        } else {
+            self.inner.resync_snapshots.lock().1.insert(nr);
+        }
+    }
+
+    /// A resync is about to overwrite SLINK `nr`'s devices (at a secondary: SLINK 0, by
+    /// its primary's resync): take its resync snapshot first, if it is to have one.
+    pub fn resync_begins(&self, nr: SlinkNr) {
+        self.inner.resync_begins(nr);
+    }
+
+    /// SLINK `nr`'s devices are a prefix state again: drop its resync snapshot.
+    pub fn resync_ended(&self, nr: SlinkNr) {
+        self.inner.resync_ended(nr);
+    }
+}
+
+impl Inner {
+    pub(super) fn resync_begins(&self, nr: SlinkNr) {
+        {
+            let rs = self.resync_snapshots.lock();
+            if !rs.0.contains(&nr) || rs.1.contains(&nr) {
+                return;
+            }
+        }
+        let name = resync_snapshot_name(nr);
+        let Some(hook) = self.hook.read().clone() else {
+            warn!(group = %self.name, slink = nr, "no resync snapshot: this program takes no snapshots");
+            return;
+        };
+        if !hook.exists(&self.name, &name) {
+            let Some(handler) = self.handler(nr) else { return };
+            let devices =
+                handler.devices().into_iter().map(|d| (d, handler.device_path(d).unwrap_or_default())).collect();
+            let seq = self.log.cursor(nr).unwrap_or(0);
+            let at = MarkerReached {
+                group: self.name.clone(),
+                marker: Marker::snapshot(&name, nr, None),
+                slink: nr,
+                seq,
+                time_us: 0,
+                devices,
+            };
+            match hook.reached(&at) {
+                MarkerOutcome::Done(what) => info!(group = %self.name, slink = nr, "resync snapshot: {what}"),
+                other => {
+                    // The resync goes on: a copy that is not consistent for a while is
+                    // what a resync without the option does.
+                    warn!(group = %self.name, slink = nr, "resync snapshot not taken: {other:?}");
+                    return;
+                }
+            }
+        }
+        self.resync_snapshots.lock().1.insert(nr);
+    }
+
+    pub(super) fn resync_ended(&self, nr: SlinkNr) {
+        if !self.resync_snapshots.lock().1.remove(&nr) {
+            return;
+        }
+        if let Some(hook) = self.hook.read().clone() {
+            hook.drop_snapshot(&self.name, &resync_snapshot_name(nr));
+        }
     }
 }

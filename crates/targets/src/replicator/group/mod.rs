@@ -138,6 +138,9 @@ pub(crate) struct Inner {
     hook: parking_lot::RwLock<Option<Arc<dyn MarkerHook>>>,
     /// What the hook did, by marker name.
     markers: marker::Outcomes,
+    /// SLINKs whose devices are snapshotted before a resync overwrites them, and those
+    /// whose resync snapshot exists now.
+    resync_snapshots: Mutex<(std::collections::BTreeSet<SlinkNr>, std::collections::BTreeSet<SlinkNr>)>,
 }
 
 /// A running replication group.
@@ -303,8 +306,9 @@ impl Group {
             appender_cv: Condvar::new(),
             copier_cv: Condvar::new(),
             recovery,
-            hook: parking_lot::RwLock::new(marker::default_hook()),
+            hook: parking_lot::RwLock::new(None),
             markers: marker::Outcomes::default(),
+            resync_snapshots: Mutex::default(),
         });
         let spawn_err = GroupError::Threads;
         let mut threads = Vec::new();
@@ -574,6 +578,9 @@ pub struct GroupStatus {
     pub statistics: Option<Stats>,
     pub log_error: Option<String>,
     pub recovery: Option<String>,
+    /// Resync snapshots that exist now (`resync-<slink>`: an SLINK's devices as they were
+    /// before its resync began, write-order consistent; dropped when it ends).
+    pub resync_snapshots: Vec<String>,
     /// The site's role, group identity and, at a secondary, the primary it follows.
     pub site: site::SiteStatus,
 }

@@ -120,6 +120,14 @@ impl Group {
             statistics: m.stats.enabled.then(|| m.stats.clone()),
             log_error: m.log_error.as_ref().map(|e| e.to_string()),
             recovery: self.inner.recovery.as_ref().map(|r| format!("{r:?}")),
+            resync_snapshots: self
+                .inner
+                .resync_snapshots
+                .lock()
+                .1
+                .iter()
+                .map(|nr| crate::replicator::marker::resync_snapshot_name(*nr))
+                .collect(),
             site: {
                 drop(m);
                 self.site_status()

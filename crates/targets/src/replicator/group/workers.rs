@@ -107,7 +107,13 @@ pub(super) fn appender(inner: Arc<Inner>) {
                 // (In the group's history seqs: the log's newest.)
                 let seq = inner.log.received();
                 match inner.handler(slink).map_or(Ok(()), |h| h.rejoined(seq)) {
-                    Ok(()) => Event::Reordered { slink, result: inner.log.register_slink(slink) },
+                    Ok(()) => {
+                        let result = inner.log.register_slink(slink);
+                        if result.is_ok() {
+                            inner.resync_ended(slink);
+                        }
+                        Event::Reordered { slink, result }
+                    }
                     Err(error) => Event::RejoinFailed { slink, error },
                 }
             }
@@ -150,6 +156,10 @@ fn copier(inner: Arc<Inner>, nr: SlinkNr) {
                 Event::Applied { slink, era, last, took: t0.elapsed(), result }
             }
             Io::Resync(w) => {
+                if !handler.keeps_log() {
+                    // (A site with a log of its own snapshots its devices itself.)
+                    inner.resync_begins(nr);
+                }
                 let result = copy_region(&inner, &*handler, &w);
                 if let Some(rate) = w.rate_limit.filter(|r| *r > 0) {
                     pause = Some(Duration::from_secs_f64(w.len as f64 / rate as f64).min(Duration::from_secs(5)));
@@ -265,7 +275,13 @@ fn reached_marker(inner: &Inner, nr: SlinkNr, handler: &dyn SlinkHandler, e: &Ap
     if !marker.acts_at(nr, secondary) {
         return;
     }
-    let hook = inner.hook.read().clone();
+    // A group starting up gets its hook right after its threads start.
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut hook = inner.hook.read().clone();
+    while hook.is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+        hook = inner.hook.read().clone();
+    }
     let outcome = match hook {
         None => MarkerOutcome::Failed("this program takes no snapshots (no marker hook)".into()),
         Some(h) => {

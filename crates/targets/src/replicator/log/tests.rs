@@ -391,11 +391,11 @@ fn both_superblocks_corrupt() {
 fn newer_format_version_is_refused() {
     let (m, b) = mem();
     drop(RingLog::create(b.clone(), 0, LOG).unwrap());
-    m.poke(8, &4u32.to_le_bytes());
+    m.poke(8, &5u32.to_le_bytes());
     for r in [RingLog::open(b.clone(), 0).err(), RingLog::open_or_create(b.clone(), 0, LOG).err()] {
         let err = r.expect("must be refused");
-        assert!(matches!(err, LogError::NewerVersion { found: 4, supported: 3, .. }), "{err}");
-        assert!(err.to_string().contains("has format version 4; this build supports versions up to 3"));
+        assert!(matches!(err, LogError::NewerVersion { found: 5, supported: 4, .. }), "{err}");
+        assert!(err.to_string().contains("has format version 5; this build supports versions up to 4"));
     }
 }
 

@@ -6,7 +6,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use dmrep_core::{BlockBackend, Claim, FileBackend, TargetError};
+use dmrep_core::{BlockBackend, Claim, TargetError};
 use parking_lot::{Mutex, RwLock};
 
 use super::{ApplyEntry, SlinkHandler};
@@ -118,10 +118,10 @@ impl SlinkHandler for LocalSlink {
     fn attach(&self, dev_nr: u32, device: &str, need_bytes: u64) -> Result<(), TargetError> {
         let backend: Arc<dyn BlockBackend> = match self.overridden(device) {
             Some(b) => b,
-            None => Arc::new(
-                FileBackend::open(Path::new(device))
-                    .map_err(|e| TargetError::Device { path: device.to_string(), source: e })?,
-            ),
+            // Through the file's one copy-on-write origin: a snapshot of this device
+            // (a group snapshot, a `snapshot` table) gets its old chunks before they change.
+            None => crate::snapshot::origin_for_file(Path::new(device))
+                .map_err(|e| TargetError::Device { path: device.to_string(), source: e })?,
         };
         if backend.size() < need_bytes {
             return Err(TargetError::params(

@@ -329,6 +329,12 @@ pub fn construct(ctx: &BuildContext<'_>, seg: &SegmentSpec) -> Result<Arc<dyn Ta
     setups.sort_by_key(|s| s.nr);
     let group =
         Group::start(ctx.device_name, log, lpath.clone(), recovery, setups).map_err(|e| TargetError::failed(T, e))?;
+    if let Some(slot) = ctx.devices.lookup::<crate::replicator::marker::HookSlot>(crate::replicator::marker::HOOK_KEY) {
+        group.set_marker_hook(slot.0.clone());
+    }
+    for s in &spec.slinks {
+        group.set_resync_snapshot(s.nr, s.resync_snapshot);
+    }
     for d in &spec.devices {
         for r in &d.replicas {
             if let Err(e) = attach_dirty(&group, d.dev_nr, r, dev_bytes, fresh_log || !ctx.restoring, &claiming) {
@@ -486,6 +492,22 @@ impl Target for ReplicatorTarget {
                 Ok(json(&self.group.verify_status()))
             }
             ["verify-status"] => Ok(json(&self.group.verify_status())),
+            // Group-consistent snapshots (answers are JSON).
+            ["snapshot", name, nr] => {
+                let nr = parse_slink(nr).map_err(err)?;
+                Ok(json(&self.group.snapshot_marker(name, nr).map_err(refused)?))
+            }
+            ["snapshot-outcome", name, rest @ ..] if rest.len() <= 1 => {
+                let ms: u64 = match rest.first() {
+                    Some(t) => t.parse().map_err(|_| err(format!("snapshot-outcome: wait in ms, found {t:?}")))?,
+                    None => 0,
+                };
+                let o = match ms {
+                    0 => self.group.marker_outcome(name),
+                    ms => self.group.wait_marker(name, Duration::from_millis(ms)),
+                };
+                Ok(json(&o))
+            }
             ["resolve", "discard-local"] => {
                 self.group.resolve_discard_local().map_err(refused)?;
                 Ok("this site will take the primary's history when it next connects: \
@@ -516,7 +538,8 @@ impl Target for ReplicatorTarget {
                 "unknown message {:?} (expected: stop|start, statistics on|off|reset, \
                  slink <nr> policy <p>, slink <nr> fallbehind <type>=<value>...|none, slink <nr> pause|resume, \
                  slink <nr> resync-rate <bytes/s>, slink <nr> invalidate, role, switchover <site> [timeout s], \
-                 takeover [force], resolve discard-local, verify <nr> [rate=<bytes/s>] [fix], verify-status)",
+                 takeover [force], resolve discard-local, verify <nr> [rate=<bytes/s>] [fix], verify-status, \
+                 snapshot <name> <slink>, snapshot-outcome <name> [wait ms])",
                 args.join(" ")
             ))),
         }
@@ -548,6 +571,9 @@ impl Target for ReplicatorTarget {
     fn resume(&self) {
         self.group.thaw();
         let Some(r) = self.pending.lock().take() else { return };
+        for s in &self.spec.slinks {
+            self.group.set_resync_snapshot(s.nr, s.resync_snapshot);
+        }
         for (nr, p, t) in r.policies {
             if let Err(e) = self.group.set_policy_and_thresholds(nr, p, t) {
                 tracing::warn!(group = %self.name, slink = nr, "reloaded policy not applied: {e}");
