@@ -244,6 +244,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  dmrep role r0                       # this site's role, generation and peers");
     println!("  dmrep switchover r0 --to tokyo      # follow the sun: tokyo becomes the primary, nothing copied");
     println!("  dmrep --control {} switchover r0 --to paris   # and back", dir.join("tokyo/control.sock").display());
+    println!("  dmrep snapshot create r0 first --slink 2   # site 2's devices, together, at one point of the history");
+    println!("  dmrep snapshot ls; qemu-io -f raw -c 'read 0 1M' 'nbd+unix:///r0.first.0?socket={sock}'");
     println!();
     if args.no_wait {
         running.stop();

@@ -145,7 +145,7 @@ fn print_list(snaps: &[GroupSnapshot]) {
         let devs: Vec<String> = s
             .devices
             .iter()
-            .map(|d| format!("{} ({}, {} KiB copied)", d.device, d.state, d.used_bytes / 1024))
+            .map(|d| format!("{} ({}, {} KiB used)", d.device, d.state, d.used_bytes / 1024))
             .collect();
         println!("{:<12} {:<16} {:>10} {:<20} {:<6} {}", s.group, s.name, s.seq, taken, s.slink, devs.join(", "));
     }

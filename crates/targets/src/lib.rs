@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod linear;
+pub mod mirror;
 mod params;
 pub mod replicator;
 pub mod snapshot;
@@ -19,6 +20,7 @@ pub fn registry() -> TargetRegistry {
     let mut r = TargetRegistry::default();
     r.register("linear", linear::construct);
     r.register("striped", striped::construct);
+    r.register("mirror", mirror::construct);
     r.register("zero", zero::construct);
     r.register("error", error::construct);
     r.register("replicator", replicator::target::construct);
