@@ -142,11 +142,8 @@ fn print_list(snaps: &[GroupSnapshot]) {
     println!("{:<12} {:<16} {:>10} {:<20} {:<6} DEVICES", "GROUP", "NAME", "SEQ", "TAKEN", "SLINK");
     for s in snaps {
         let taken = format_ms(s.created_ms);
-        let devs: Vec<String> = s
-            .devices
-            .iter()
-            .map(|d| format!("{} ({}, {} KiB used)", d.device, d.state, d.used_bytes / 1024))
-            .collect();
+        let devs: Vec<String> =
+            s.devices.iter().map(|d| format!("{} ({}, {} KiB used)", d.device, d.state, d.used_bytes / 1024)).collect();
         println!("{:<12} {:<16} {:>10} {:<20} {:<6} {}", s.group, s.name, s.seq, taken, s.slink, devs.join(", "));
     }
 }

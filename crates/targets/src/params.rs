@@ -34,8 +34,8 @@ pub(crate) fn open_device(
 }
 
 /// The bytes `need_sectors` from `offset_sectors` take of a device of `size` bytes at
-/// `path`, or why they do not fit.
-fn fits(
+/// `path`, or why they do not fit (also for targets that open their devices themselves).
+pub(crate) fn fits(
     target: &'static str,
     path: &str,
     offset_sectors: u64,
@@ -94,18 +94,6 @@ pub(crate) fn mapped_device(
             format!("{path}: no device named {name} in this daemon (a /dev/mapper/NAME path names one of its devices)"),
         )
     })
-}
-
-/// The bytes `need_sectors` from `offset_sectors` take of a device of `size` bytes at
-/// `path`, or why they do not fit (for targets that open their devices themselves).
-pub(crate) fn check_fits(
-    target: &'static str,
-    path: &str,
-    offset_sectors: u64,
-    need_sectors: u64,
-    size: u64,
-) -> Result<std::ops::Range<u64>, TargetError> {
-    fits(target, path, offset_sectors, need_sectors, size)
 }
 
 /// Check the parameter count.

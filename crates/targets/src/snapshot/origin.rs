@@ -15,7 +15,7 @@ use dmrep_formats::table::SegmentSpec;
 use parking_lot::Mutex;
 
 use super::{origin_for_file, origin_for_mapped, CowOrigin};
-use crate::params::{check_fits, expect_args, mapped_device, MAPPER};
+use crate::params::{fits, expect_args, mapped_device, MAPPER};
 
 /// An origin named in a table, opened through the process-wide registry.
 pub(crate) struct OpenedOrigin {
@@ -45,7 +45,7 @@ pub(crate) fn open_origin(
             OpenedOrigin { origin: origin_for_file(Path::new(path)).map_err(dev_err)?, id, mapped: None }
         }
     };
-    check_fits(target, path, 0, len_sectors, opened.origin.size())?;
+    fits(target, path, 0, len_sectors, opened.origin.size())?;
     Ok(opened)
 }
 
