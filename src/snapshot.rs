@@ -104,7 +104,8 @@ pub fn run(cmd: SnapshotCommand, control: Option<PathBuf>) -> Result<()> {
                 Some("failed") => bail!("snapshot {name}: {}", outcome["detail"].as_str().unwrap_or_default()),
                 _ => bail!(
                     "snapshot {name}: slink {slink} has not reached the marker (seq {seq}) after {timeout} s; \
-                     it is taken when it does (`dmrep snapshot ls {group}`)"
+                     it is taken when it does (`dmrep snapshot ls {group}`), unless the slink leaves ordered \
+                     mode first (then it never is)"
                 ),
             }
         }

@@ -34,7 +34,7 @@ use std::sync::{mpsc, Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use dmrep_formats::control::{GroupSnapshot, Request, Response, SnapshotDevice};
-use dmrep_targets::replicator::marker::{MarkerHook, MarkerOutcome, MarkerReached};
+use dmrep_targets::replicator::marker::{check_snapshot_name, MarkerHook, MarkerOutcome, MarkerReached};
 use dmrep_targets::snapshot::Snapshot;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -100,19 +100,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A name usable in a device name and a path: what `dmrep snapshot create` accepts.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_+-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("snapshot name {name:?}: 1 to 64 of A-Z a-z 0-9 _ + - (not starting with -)"))
-    }
-}
-
 impl GroupSnapshots {
     /// The hook of `daemon`, keeping its snapshots under `state_dir/snapshots`.
     pub fn new(daemon: Weak<Daemon>, state_dir: &Path, site: Option<String>) -> Arc<GroupSnapshots> {
@@ -144,7 +131,7 @@ impl GroupSnapshots {
 
     fn take(&self, at: &MarkerReached) -> Result<String, String> {
         let m = &at.marker;
-        check_name(&m.name)?;
+        check_snapshot_name(&m.name)?;
         let dir = self.snap_dir(&at.group, &m.name);
         if dir.join("info.json").exists() {
             return Err(format!(
@@ -299,7 +286,7 @@ impl GroupSnapshots {
 
     /// Remove snapshot `name` of `group`: its devices, then its files.
     pub fn delete(&self, daemon: &Daemon, group: &str, name: &str) -> Result<(), String> {
-        check_name(name)?;
+        check_snapshot_name(name)?;
         let dir = self.snap_dir(group, name);
         let info: Info = match fs::read(dir.join("info.json")) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", dir.join("info.json").display()))?,

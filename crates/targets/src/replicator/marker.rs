@@ -81,6 +81,20 @@ impl Marker {
     }
 }
 
+/// A snapshot name usable in a device name and a path: 1 to 64 of `A-Z a-z 0-9 _ + -`,
+/// not starting with `-`.
+pub fn check_snapshot_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_+-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("snapshot name {name:?}: 1 to 64 of A-Z a-z 0-9 _ + - (not starting with -)"))
+    }
+}
+
 /// Where a marker was reached: what the hook needs to act.
 #[derive(Debug, Clone)]
 pub struct MarkerReached {

@@ -15,7 +15,7 @@ use dmrep_formats::table::SegmentSpec;
 use parking_lot::Mutex;
 
 use super::{origin_for_file, origin_for_mapped, CowOrigin};
-use crate::params::{fits, expect_args, mapped_device, MAPPER};
+use crate::params::{expect_args, fits, mapped_device, MAPPER};
 
 /// An origin named in a table, opened through the process-wide registry.
 pub(crate) struct OpenedOrigin {

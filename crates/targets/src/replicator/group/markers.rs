@@ -33,6 +33,9 @@ impl Group {
     /// everything before it (see [`Group::marker_outcome`]).
     pub fn snapshot_marker(&self, name: &str, slink: SlinkNr) -> Result<MarkerPlaced, GroupError> {
         let refuse = |why: String| Err(GroupError::Role(format!("snapshot {name}: {why}")));
+        if let Err(why) = crate::replicator::marker::check_snapshot_name(name) {
+            return Err(GroupError::Role(why));
+        }
         let (site, ordered) = {
             let m = self.inner.m.lock();
             if m.secondary {
