@@ -167,6 +167,22 @@ impl CowOrigin {
         }
     }
 
+    /// Runs `write` (which writes the ranges `ranges` of [`CowOrigin::device`], in any
+    /// order) after copying out every chunk they touch to every snapshot that needs it,
+    /// with one commit per snapshot: a batch of writes (a replica's epoch) pays for one
+    /// metadata commit, not one per write. Holds the span of the ranges locked meanwhile.
+    pub fn write_batch(&self, ranges: &[(u64, u64)], write: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let ranges: Vec<(u64, u64)> = ranges.iter().copied().filter(|r| r.1 > 0).collect();
+        let (Some(lo), Some(hi)) = (ranges.iter().map(|r| r.0).min(), ranges.iter().map(|r| r.0 + r.1).max()) else {
+            return write();
+        };
+        let (_guard, snaps) = self.lock_for_write(lo, hi - lo);
+        for s in &snaps {
+            s.copy_out_ranges(&ranges)?;
+        }
+        write()
+    }
+
     /// Runs `write` on the origin after copying out `offset..offset+len` to every
     /// snapshot that needs it.
     fn guarded_write(&self, offset: u64, len: u64, write: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
@@ -346,10 +362,15 @@ impl Snapshot {
     /// exception yet, durably. Called by the origin with the range locked. An invalid
     /// snapshot needs nothing, once its header says so.
     fn copy_out(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.copy_out_ranges(&[(offset, len)])
+    }
+
+    /// [`Snapshot::copy_out`] of several ranges with one commit (the ranges locked).
+    fn copy_out_ranges(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
         if self.store.invalid().is_none() {
             let mut done = Vec::new();
             let mut buf = Vec::new();
-            for c in self.chunks(offset, len) {
+            for c in ranges.iter().flat_map(|(o, l)| self.chunks(*o, *l)) {
                 if self.store.lookup(c).is_some() {
                     continue;
                 }

@@ -1,7 +1,7 @@
 //! `local` (alias `blockdev`): the site's devices are files or block devices on this
 //! host (iSCSI, FC and the like look local too).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,9 +11,13 @@ use parking_lot::{Mutex, RwLock};
 
 use super::{ApplyEntry, SlinkHandler};
 use crate::replicator::log::EntryKind;
+use crate::snapshot::CowOrigin;
 
 struct Dev {
     backend: Arc<dyn BlockBackend>,
+    /// The file's copy-on-write origin (`backend`, as itself): an apply copies out for
+    /// all its writes at once. None for test back-ends and missing devices.
+    cow: Option<Arc<CowOrigin>>,
     path: String,
     /// Missing when the table was restored: `backend` fails every I/O, and probes try
     /// to open `path` again (this many bytes needed).
@@ -74,6 +78,18 @@ impl LocalSlink {
     }
 }
 
+/// Apply one entry to `dev`.
+fn apply_one(dev: &dyn BlockBackend, e: &ApplyEntry<'_>) -> io::Result<()> {
+    match e.kind {
+        EntryKind::Write => dev.write_at(e.data, e.offset),
+        EntryKind::WriteZeroes => dev.write_zeroes(e.offset, e.len as u64, false),
+        // A discarded range reads as zeros afterwards, as it did from the log before it
+        // was applied: reads never change with timing.
+        EntryKind::Discard => dev.write_zeroes(e.offset, e.len as u64, true),
+        EntryKind::Marker => Ok(()),
+    }
+}
+
 /// The back-end of a device missing when its table was restored: every I/O fails.
 struct Missing(String);
 
@@ -116,12 +132,15 @@ impl SlinkHandler for LocalSlink {
     }
 
     fn attach(&self, dev_nr: u32, device: &str, need_bytes: u64) -> Result<(), TargetError> {
-        let backend: Arc<dyn BlockBackend> = match self.overridden(device) {
-            Some(b) => b,
+        let (backend, cow): (Arc<dyn BlockBackend>, _) = match self.overridden(device) {
+            Some(b) => (b, None),
             // Through the file's one copy-on-write origin: a snapshot of this device
             // (a group snapshot, a `snapshot` table) gets its old chunks before they change.
-            None => crate::snapshot::origin_for_file(Path::new(device))
-                .map_err(|e| TargetError::Device { path: device.to_string(), source: e })?,
+            None => {
+                let o = crate::snapshot::origin_for_file(Path::new(device))
+                    .map_err(|e| TargetError::Device { path: device.to_string(), source: e })?;
+                (o.clone(), Some(o))
+            }
         };
         if backend.size() < need_bytes {
             return Err(TargetError::params(
@@ -135,7 +154,7 @@ impl SlinkHandler for LocalSlink {
         }
         self.devs.write().insert(
             dev_nr,
-            Arc::new(Dev { backend, path: device.to_string(), missing: None, claims: Mutex::default() }),
+            Arc::new(Dev { backend, cow, path: device.to_string(), missing: None, claims: Mutex::default() }),
         );
         Ok(())
     }
@@ -144,7 +163,13 @@ impl SlinkHandler for LocalSlink {
         let backend: Arc<dyn BlockBackend> = Arc::new(Missing(device.to_string()));
         self.devs.write().insert(
             dev_nr,
-            Arc::new(Dev { backend, path: device.to_string(), missing: Some(need_bytes), claims: Mutex::default() }),
+            Arc::new(Dev {
+                backend,
+                cow: None,
+                path: device.to_string(),
+                missing: Some(need_bytes),
+                claims: Mutex::default(),
+            }),
         );
     }
 
@@ -176,25 +201,26 @@ impl SlinkHandler for LocalSlink {
     }
 
     fn apply(&self, entries: &[ApplyEntry<'_>]) -> io::Result<()> {
-        let mut touched = BTreeSet::new();
-        for e in entries {
-            if e.kind == EntryKind::Marker {
-                // The copier acts on markers before handing the rest over.
-                continue;
-            }
-            let dev = &self.dev(e.dev_nr)?.backend;
-            match e.kind {
-                EntryKind::Write => dev.write_at(e.data, e.offset)?,
-                EntryKind::WriteZeroes => dev.write_zeroes(e.offset, e.len as u64, false)?,
-                // A discarded range reads as zeros afterwards, as it did from the log
-                // before it was applied: reads never change with timing.
-                EntryKind::Discard => dev.write_zeroes(e.offset, e.len as u64, true)?,
-                EntryKind::Marker => unreachable!("skipped above"),
-            }
-            touched.insert(e.dev_nr);
+        // Device by device, each device's entries in the given order (overlapping ones
+        // land in order); the devices' order does not matter: all are synced before the
+        // apply returns. (The copier acts on markers before handing the rest over.)
+        let mut by_dev: BTreeMap<u32, Vec<&ApplyEntry<'_>>> = BTreeMap::new();
+        for e in entries.iter().filter(|e| e.kind.changes_data()) {
+            by_dev.entry(e.dev_nr).or_default().push(e);
         }
-        for nr in touched {
-            self.dev(nr)?.backend.sync()?;
+        for (nr, es) in &by_dev {
+            let dev = self.dev(*nr)?;
+            match &dev.cow {
+                // One copy-out commit for the whole batch, then the writes themselves.
+                Some(o) => {
+                    let ranges: Vec<(u64, u64)> = es.iter().map(|e| (e.offset, e.len as u64)).collect();
+                    o.write_batch(&ranges, || es.iter().try_for_each(|e| apply_one(&**o.device(), e)))?
+                }
+                None => es.iter().try_for_each(|e| apply_one(&*dev.backend, e))?,
+            }
+        }
+        for nr in by_dev.keys() {
+            self.dev(*nr)?.backend.sync()?;
         }
         Ok(())
     }
