@@ -90,6 +90,18 @@ pub fn run(cmd: SnapshotCommand, control: Option<PathBuf>) -> Result<()> {
                 if !o.is_null() || left.is_zero() {
                     break o;
                 }
+                if !ordered(&mut client, &group, slink)? {
+                    // Out of ordered mode the SLINK gets no more entries: unless it
+                    // reached the marker just before (asked once more), it never will.
+                    let o = message(&mut client, &group, vec!["snapshot-outcome".into(), name.clone()])?;
+                    if o.is_null() {
+                        bail!(
+                            "snapshot {name}: slink {slink} left ordered mode (it is resyncing) before it reached \
+                             the marker (seq {seq}): the snapshot is not taken; ask again once it is in sync"
+                        );
+                    }
+                    break o;
+                }
             };
             if json {
                 println!("{}", serde_json::json!({"placed": placed, "outcome": outcome}));
@@ -133,6 +145,20 @@ pub fn run(cmd: SnapshotCommand, control: Option<PathBuf>) -> Result<()> {
             }
         }
     }
+}
+
+/// Whether SLINK `slink` of `group` is in ordered mode (from the group's status).
+fn ordered(client: &mut Client, group: &str, slink: u16) -> Result<bool> {
+    let devices = match client.call(Request::Status { name: Some(group.to_string()) })? {
+        Response::Statuses { devices } => devices,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    };
+    let slinks = devices.first().and_then(|d| d.segments.first()).map(|s| s.detail["slinks"].clone());
+    Ok(slinks
+        .and_then(|v| v.as_array().cloned())
+        .and_then(|a| a.into_iter().find(|s| s["slink"] == slink))
+        .is_none_or(|s| s["sync"]["ordered"] != false))
 }
 
 fn print_list(snaps: &[GroupSnapshot]) {

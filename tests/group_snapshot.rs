@@ -92,6 +92,21 @@ fn snapshot_of_a_local_slink_holds_the_marker_state_on_every_device_and_survives
     assert!(!d.dir().join("state/snapshots/r0/before").exists());
     let e = d.cli_err(&["snapshot", "delete", "r0", "before"]);
     assert!(e.contains("no snapshot before"), "{e}");
+    // A marker its SLINK will never reach (it leaves ordered mode first): the command
+    // says so at once instead of waiting out its timeout.
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "pause"]);
+    let mut waiting = d.cli_cmd(&["snapshot", "create", "r0", "never", "--slink", "1", "--timeout", "120"]);
+    let child = waiting.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        group_status(&d, "r0")["slinks"][1]["outstanding_ios"].as_u64().unwrap_or(0) > 0
+    }));
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "invalidate"]);
+    let t0 = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success() && t0.elapsed() < Duration::from_secs(30), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("left ordered mode"), "{}", show(&out));
+    d.cli_ok(&["message", "r0", "0", "slink", "1", "resume"]);
+    assert!(d.cli(&["wait", "r0", "--timeout", "30"]).status.success());
     // Bad names and slinks are refused, naming them.
     assert!(d.cli_err(&["snapshot", "create", "r0", "a/b"]).contains("a/b"));
     assert!(d.cli_err(&["snapshot", "create", "r0", "x", "--slink", "5"]).contains("5"));
