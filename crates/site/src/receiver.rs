@@ -143,7 +143,11 @@ fn connection(tcp: TcpStream, tls: &SiteTls, lookup: &Lookup, sessions: &Session
     let group = sg.group;
     let board = boards.of(&hello.group_name);
     let id = sessions.next.fetch_add(1, Ordering::Relaxed);
-    sessions.current.lock().insert(hello.group_name.clone(), id);
+    {
+        // Not while an older session's batch is being appended (see `receive`).
+        let _g = group.receiving();
+        sessions.current.lock().insert(hello.group_name.clone(), id);
+    }
     let site = group.site();
     let devices = group.device_numbers().into_iter().map(|d| DeviceInfo { dev_nr: d, bytes: sg.dev_bytes }).collect();
     let welcome = Message::Welcome(Welcome {
@@ -395,7 +399,14 @@ fn check_range(devices: &[u32], dev_bytes: u64, dev_nr: u32, offset: u64, len: u
 
 /// Append a batch to the group's log; what it has received after. A batch with an
 /// entry out of range is refused whole, before anything of it is appended.
-fn receive(group: &Group, dev_bytes: u64, batch: EntryBatch) -> Result<u64, String> {
+fn receive(group: &Group, dev_bytes: u64, batch: EntryBatch, current: &dyn Fn() -> bool) -> Result<u64, String> {
+    // One session appends at a time, and only the current one: after a switchover an
+    // old primary's last batch and the new primary's first (which may repeat its seqs)
+    // must not interleave, and what is here is read under the same lock.
+    let _g = group.receiving();
+    if !current() {
+        return Err("a newer connection from a primary replaced this one".into());
+    }
     let received = group.received();
     let sink = Arc::new(Batch::default());
     let fresh: Vec<_> = batch.entries.into_iter().filter(|e| e.seq > received).collect();
@@ -500,7 +511,7 @@ fn follow(link: &Link<'_>, w: &TlsWriter, r: &mut TlsReader, current: impl Fn() 
         let reply = match msg {
             Message::Entries(batch) => {
                 let last = batch.entries.last().map_or(0, |e| e.seq);
-                let received = match receive(group, dev_bytes, batch) {
+                let received = match receive(group, dev_bytes, batch, &current) {
                     Ok(r) => r,
                     Err(e) => return e,
                 };

@@ -142,6 +142,13 @@ impl Group {
     /// promotion can happen; the number (in the guard) names this session: a promotion
     /// asked in an older session is refused ([`Group::promote_by`]), because the primary
     /// that asked may have concluded from this newer session that it did not happen.
+    /// The same lock as [`Group::admission`], without starting a new session: held while
+    /// a received batch is appended, and while a new session becomes the current one, so
+    /// that a session replaced meanwhile never appends after its successor began.
+    pub fn receiving(&self) -> parking_lot::MutexGuard<'_, u64> {
+        self.roles.lock()
+    }
+
     pub fn admission(&self) -> parking_lot::MutexGuard<'_, u64> {
         let mut g = self.roles.lock();
         *g += 1;
