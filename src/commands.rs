@@ -11,6 +11,22 @@ use crate::output;
 use crate::Command;
 
 /// Read a table from `--table`, a file, or stdin (`-`).
+/// Send `words` to the target of sector 0 of `name` (a group's control device) and return
+/// its reply text: the one way the group commands (role, snapshot, verify) talk to it.
+pub fn message_text(client: &mut Client, name: &str, words: Vec<String>) -> Result<String> {
+    match client.call(Request::Message { name: name.to_string(), sector: 0, args: words })? {
+        Response::Reply { text } => Ok(text),
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+/// [`message_text`] for the messages that answer JSON.
+pub fn message_json(client: &mut Client, name: &str, words: Vec<String>) -> Result<serde_json::Value> {
+    let text = message_text(client, name, words)?;
+    serde_json::from_str(&text).with_context(|| format!("the daemon's answer is not JSON: {text}"))
+}
+
 fn table_text(file: Option<PathBuf>, text: Option<String>) -> Result<String> {
     match (file, text) {
         (_, Some(t)) => Ok(t),

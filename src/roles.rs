@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use dmrep_control::client::Client;
-use dmrep_formats::control::{Request, Response};
 use serde_json::Value;
 
 #[derive(Subcommand, Debug)]
@@ -62,11 +61,7 @@ pub enum RoleCommand {
 
 fn ask(control: Option<PathBuf>, group: &str, words: Vec<String>) -> Result<String> {
     let mut client = Client::connect(&dmrep_control::control_path(control))?;
-    match client.call(Request::Message { name: group.to_string(), sector: 0, args: words })? {
-        Response::Reply { text } => Ok(text),
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer from the daemon: {other:?}"),
-    }
+    crate::commands::message_text(&mut client, group, words)
 }
 
 fn parse(text: &str) -> Result<Value> {

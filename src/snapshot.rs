@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use dmrep_control::client::Client;
 use dmrep_formats::control::{GroupSnapshot, Request, Response};
@@ -47,11 +47,7 @@ pub enum SnapshotCommand {
 }
 
 fn message(client: &mut Client, group: &str, words: Vec<String>) -> Result<Value> {
-    match client.call(Request::Message { name: group.to_string(), sector: 0, args: words })? {
-        Response::Reply { text } => serde_json::from_str(&text).with_context(|| format!("not JSON: {text}")),
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer from the daemon: {other:?}"),
-    }
+    crate::commands::message_json(client, group, words)
 }
 
 pub fn run(cmd: SnapshotCommand, control: Option<PathBuf>) -> Result<()> {

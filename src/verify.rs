@@ -6,17 +6,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use dmrep_control::client::Client;
-use dmrep_formats::control::{Request, Response};
 use serde_json::Value;
 
 fn ask(client: &mut Client, group: &str, words: Vec<String>) -> Result<Value> {
-    match client.call(Request::Message { name: group.to_string(), sector: 0, args: words })? {
-        Response::Reply { text } => serde_json::from_str(&text).with_context(|| format!("not JSON: {text}")),
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer from the daemon: {other:?}"),
-    }
+    crate::commands::message_json(client, group, words)
 }
 
 fn region_text(r: &Value) -> String {

@@ -27,7 +27,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Weak};
 
@@ -183,8 +182,12 @@ impl GroupSnapshots {
             slink: at.slink,
             devices,
         };
-        write_durably(&dir.join("info.json"), &serde_json::to_vec_pretty(&info).expect("json"))
-            .map_err(|e| format!("{}: {e}", dir.join("info.json").display()))?;
+        crate::store::write_atomically(
+            &dir.join("info.json"),
+            &dir.join("info.json.tmp"),
+            &serde_json::to_vec_pretty(&info).expect("json"),
+        )
+        .map_err(|e| format!("{}: {e}", dir.join("info.json").display()))?;
         let tables: Vec<(String, String)> = info
             .devices
             .iter()
@@ -357,19 +360,6 @@ fn create_devices(daemon: &Daemon, tables: &[(String, String)]) -> Result<(), St
                 });
             }
         }
-    }
-    Ok(())
-}
-
-/// Write `bytes` to `path` through a temporary file, synced and renamed.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
 }

@@ -136,13 +136,21 @@ impl Store {
         let format = if devices.iter().any(|d| d.read_only) { 2 } else { 1 };
         let body =
             serde_json::to_vec_pretty(&StoreFile { format, devices: devices.to_vec() }).expect("records serialise");
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_err)?;
-        f.write_all(&body).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-        fs::rename(&tmp, &path).map_err(io_err)?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err)?;
-        Ok(())
+        write_atomically(&path, &tmp, &body).map_err(io_err)
     }
+}
+
+/// Replace `path` with `bytes` atomically and durably: write `tmp`, sync it, rename it
+/// over `path`, sync the directory. A crash leaves the old file or the new one.
+pub fn write_atomically(path: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

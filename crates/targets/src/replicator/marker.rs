@@ -110,6 +110,11 @@ pub struct MarkerReached {
     pub devices: Vec<(u32, String)>,
 }
 
+/// The devices of an SLINK as a hook is told them: dev_nr and where it is.
+pub(crate) fn device_paths(handler: &dyn crate::replicator::slink::SlinkHandler) -> Vec<(u32, String)> {
+    handler.devices().into_iter().map(|d| (d, handler.device_path(d).unwrap_or_default())).collect()
+}
+
 /// What the hook did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome", content = "detail")]

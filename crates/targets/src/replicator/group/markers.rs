@@ -82,7 +82,8 @@ impl Group {
 
     /// Use `hook` for the markers this site reaches and its resync snapshots.
     pub fn set_marker_hook(&self, hook: Arc<dyn MarkerHook>) {
-        *self.inner.hook.write() = Some(hook);
+        *self.inner.hook.lock() = Some(hook);
+        self.inner.hook_set.notify_all();
     }
 
     /// Snapshot SLINK `nr`'s devices before a resync overwrites them (`resync_snapshot`).
@@ -97,7 +98,7 @@ impl Group {
                 rs.0.remove(&nr);
             }
         }
-        let Some(hook) = self.inner.hook.read().clone() else { return };
+        let Some(hook) = self.inner.hook.lock().clone() else { return };
         let name = resync_snapshot_name(nr);
         if !hook.exists(&self.inner.name, &name) {
             return;
@@ -132,14 +133,13 @@ impl Inner {
             }
         }
         let name = resync_snapshot_name(nr);
-        let Some(hook) = self.hook.read().clone() else {
+        let Some(hook) = self.hook.lock().clone() else {
             warn!(group = %self.name, slink = nr, "no resync snapshot: this program takes no snapshots");
             return;
         };
         if !hook.exists(&self.name, &name) {
             let Some(handler) = self.handler(nr) else { return };
-            let devices =
-                handler.devices().into_iter().map(|d| (d, handler.device_path(d).unwrap_or_default())).collect();
+            let devices = crate::replicator::marker::device_paths(&*handler);
             let seq = self.log.cursor(nr).unwrap_or(0);
             let at = MarkerReached {
                 group: self.name.clone(),
@@ -166,7 +166,7 @@ impl Inner {
         if !self.resync_snapshots.lock().1.remove(&nr) {
             return;
         }
-        if let Some(hook) = self.hook.read().clone() {
+        if let Some(hook) = self.hook.lock().clone() {
             hook.drop_snapshot(&self.name, &resync_snapshot_name(nr));
         }
     }

@@ -135,7 +135,9 @@ pub(crate) struct Inner {
     copier_cv: Condvar,
     pub recovery: Option<RecoveryReport>,
     /// Acts on the markers this site's copiers reach (see [`super::marker`]).
-    hook: parking_lot::RwLock<Option<Arc<dyn MarkerHook>>>,
+    hook: Mutex<Option<Arc<dyn MarkerHook>>>,
+    /// Signalled when the hook is set.
+    hook_set: Condvar,
     /// What the hook did, by marker name.
     markers: marker::Outcomes,
     /// SLINKs whose devices are snapshotted before a resync overwrites them, and those
@@ -306,7 +308,8 @@ impl Group {
             appender_cv: Condvar::new(),
             copier_cv: Condvar::new(),
             recovery,
-            hook: parking_lot::RwLock::new(None),
+            hook: Mutex::new(None),
+            hook_set: Condvar::new(),
             markers: marker::Outcomes::default(),
             resync_snapshots: Mutex::default(),
         });

@@ -276,17 +276,16 @@ fn reached_marker(inner: &Inner, nr: SlinkNr, handler: &dyn SlinkHandler, e: &Ap
         return;
     }
     // A group starting up gets its hook right after its threads start.
-    let until = Instant::now() + Duration::from_secs(5);
-    let mut hook = inner.hook.read().clone();
-    while hook.is_none() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(10));
-        hook = inner.hook.read().clone();
-    }
+    let hook = {
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut h = inner.hook.lock();
+        while h.is_none() && !inner.hook_set.wait_until(&mut h, until).timed_out() {}
+        h.clone()
+    };
     let outcome = match hook {
         None => MarkerOutcome::Failed("this program takes no snapshots (no marker hook)".into()),
         Some(h) => {
-            let devices =
-                handler.devices().into_iter().map(|d| (d, handler.device_path(d).unwrap_or_default())).collect();
+            let devices = crate::replicator::marker::device_paths(handler);
             let at = MarkerReached {
                 group: inner.name.clone(),
                 marker: marker.clone(),
